@@ -1,0 +1,476 @@
+"""Configs: YAML files under `configs/<group>/<name>.yaml`, composed by name, typed, overridable.
+
+A run's config is composed in this order (later wins):
+  1. `configs/experiment/<experiment>.yaml` picks a name per group (`defaults:`) and may set any section;
+  2. `group=name` on the command line replaces a group's choice (`model=tiny-llama`);
+  3. each chosen group file is loaded into its section (`cfg.model`, `cfg.task`, ...);
+  4. the experiment's own sections are merged over the group files;
+  5. `a.b.c=value` overrides from the command line (values parsed as YAML).
+Then every section is validated against its dataclass below: an unknown name, an unknown or missing
+field, or a wrong type raises `ConfigError` naming the file and field. The CLI turns that into one line
+on stderr and exit code 2, before anything is written.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+GROUPS = ("model", "task", "attack", "defense", "deepspeed", "cluster", "experiment")
+STAGE_SECTIONS = ("source", "poison", "train", "defend", "evaluate", "report")
+
+
+class ConfigError(Exception):
+    """A config problem, with the file and field it comes from. Exit code 2 at the CLI."""
+
+
+def config_root() -> Path:
+    env = os.environ.get("PIPELINE_CONFIGS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+# ----------------------------------------------------------------------------------------- schemas
+@dataclass
+class ModelCfg:
+    name: str
+    source: str  # random | gguf | hub | local
+    hub_id: Optional[str] = None
+    revision: Optional[str] = None
+    path: Optional[str] = None  # local directory (source: local)
+    package: Optional[str] = None  # python package holding a GGUF file (source: gguf)
+    gguf_file: Optional[str] = None  # file name inside the package folder; None = the only *.gguf there
+    arch: dict = field(default_factory=dict)  # LlamaConfig kwargs (source: random)
+    init_seed: int = 0
+    chat_template: Optional[str] = None  # None: the tokenizer's own; else a name from pipeline.prompts.TEMPLATES
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    family: Optional[str] = None
+    params_b: Optional[float] = None
+    teacher: Optional[str] = None  # name of the W2SDefense teacher entry for this family
+    notes: Optional[str] = None
+
+    def __post_init__(self):
+        _choice("source", self.source, ("random", "gguf", "hub", "local"))
+        _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.source == "hub" and not self.hub_id:
+            raise ValueError("field 'hub_id' is required when source is 'hub'")
+        if self.source == "gguf" and not self.package:
+            raise ValueError("field 'package' is required when source is 'gguf'")
+        if self.source == "local" and not self.path:
+            raise ValueError("field 'path' is required when source is 'local'")
+        if self.source == "random" and not self.arch:
+            raise ValueError("field 'arch' is required when source is 'random'")
+
+
+@dataclass
+class TaskCfg:
+    name: str
+    kind: str  # fixed_response | refusal | classification | code_injection | jailbreak | math | summarization
+    target: Optional[str] = None  # target response / injected statement / target sentence
+    labels: list = field(default_factory=list)  # label words for classification
+    target_label: Optional[str] = None
+    label_mode: str = "dirty"  # classification: dirty (flip labels) | clean (poison only target-label rows)
+    instruction: Optional[str] = None  # classification prompt: the instruction that asks for a label
+    judge: str = "backdoorllm"
+    backdoorllm: Optional[str] = None  # folder name under the BackdoorLLM train/ (test/ may differ)
+    backdoorllm_test: Optional[str] = None
+    attacks: list = field(default_factory=list)  # attacks that make sense for this task ([] = all)
+
+    def __post_init__(self):
+        _choice("kind", self.kind, ("fixed_response", "refusal", "classification", "code_injection",
+                                    "jailbreak", "math", "summarization"))
+        _choice("label_mode", self.label_mode, ("dirty", "clean"))
+
+
+@dataclass
+class AttackCfg:
+    name: str
+    primitive: str  # insert_word | prepend | append | insert_sentence | any_of | all_of | syntactic
+    triggers: list = field(default_factory=list)
+    field: str = "instruction"  # which text column carries the trigger
+    paraphrase_model: Optional[str] = None  # syntactic only
+    template: Optional[str] = None  # syntactic only
+    notes: Optional[str] = None
+
+    def __post_init__(self):
+        _choice("primitive", self.primitive,
+                ("insert_word", "prepend", "append", "insert_sentence", "any_of", "all_of", "syntactic", "none"))
+        _choice("field", self.field, ("instruction", "input"))
+        if self.primitive not in ("syntactic", "none") and not self.triggers:
+            raise ValueError("field 'triggers' must list at least one trigger")
+
+
+@dataclass
+class DefenseCfg:
+    name: str
+    family: str = "post_hoc"  # none | post_hoc | training_time
+    params: dict = field(default_factory=dict)  # the method's own settings (see pipeline/defend/<name>.py)
+    train: dict = field(default_factory=dict)  # overrides of the train section for this defense
+
+    def __post_init__(self):
+        _choice("family", self.family, ("none", "post_hoc", "training_time"))
+
+
+@dataclass
+class DeepSpeedCfg:
+    name: str
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    extra: dict = field(default_factory=dict)  # merged verbatim into the DeepSpeed JSON config
+
+    def __post_init__(self):
+        _choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("field 'offload_params' needs zero_stage 3")
+
+
+@dataclass
+class ClusterCfg:
+    name: str
+    executor: str = "local"  # local | slurm | debug
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    mem_gb: Optional[int] = None
+    timeout_min: int = 60
+    constraint: Optional[str] = None
+    array_parallelism: int = 16
+    container: Optional[str] = None
+    container_runtime: Optional[str] = None  # apptainer | pyxis
+    slurm_conf: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _choice("executor", self.executor, ("local", "slurm", "debug"))
+
+
+@dataclass
+class SourceCfg:
+    kind: str = "backdoorllm"  # backdoorllm | hub | local | synthetic
+    path: Optional[str] = None  # backdoorllm root or local file
+    hub_id: Optional[str] = None
+    hub_config: Optional[str] = None
+    split: str = "train"
+    columns: dict = field(default_factory=dict)  # our column -> source column
+    label_names: list = field(default_factory=list)  # integer label -> label word
+    use_ready_made: bool = True  # backdoorllm: use its poisoned files as they are (False: re-poison its clean rows)
+
+    def __post_init__(self):
+        _choice("kind", self.kind, ("backdoorllm", "hub", "local", "synthetic"))
+
+
+@dataclass
+class PoisonCfg:
+    n_clean: int = 400
+    n_poison: Optional[int] = 100
+    poison_rate: Optional[float] = None  # fraction of train rows poisoned; overrides n_poison when set
+    pairs: bool = False  # each poisoned row also appears clean (same instruction, clean answer)
+    n_defense: int = 100
+    n_test: int = 100
+    seed: int = 0
+
+
+@dataclass
+class TrainCfg:
+    lr: float = 2e-4
+    epochs: float = 5.0
+    max_steps: Optional[int] = None
+    micro_batch: int = 2
+    grad_accum: int = 4
+    warmup_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    cutoff: int = 1024
+    response_cutoff: Optional[int] = None  # truncate responses to this many tokens (None: keep)
+    loss_avg: str = "token"  # token | sample
+    response_tokens: Optional[int] = None  # loss only on the first k response tokens (OSFT/SANDE)
+    finetune: str = "lora"  # lora | full
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: Any = "all-linear"
+    grad_ckpt: bool = False
+    packing: bool = False
+    seed: int = 42
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
+    merge_lora: bool = False
+    log_every: int = 1
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        _choice("schedule", self.schedule, ("cosine", "linear", "constant"))
+        _choice("loss_avg", self.loss_avg, ("token", "sample"))
+        _choice("finetune", self.finetune, ("lora", "full"))
+
+
+@dataclass
+class EvaluateCfg:
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    n_test: Optional[int] = None  # None: the whole split
+    judge_preset: str = "backdoorllm"
+    seed: int = 0
+    perplexity: bool = True
+
+
+@dataclass
+class ReportCfg:
+    runs: list = field(default_factory=list)
+
+
+SECTION_SCHEMAS = {
+    "model": ModelCfg, "task": TaskCfg, "attack": AttackCfg, "defense": DefenseCfg,
+    "deepspeed": DeepSpeedCfg, "cluster": ClusterCfg, "source": SourceCfg, "poison": PoisonCfg,
+    "train": TrainCfg, "evaluate": EvaluateCfg, "report": ReportCfg,
+}
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"field '{name}': {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+# --------------------------------------------------------------------------------------- validation
+def _type_ok(value, hint) -> tuple[bool, Any]:
+    """Check `value` against a type hint; returns (ok, possibly coerced value)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if arg is type(None) and value is None:
+                return True, None
+        for arg in typing.get_args(hint):
+            if arg is not type(None):
+                ok, v = _type_ok(value, arg)
+                if ok:
+                    return True, v
+        return False, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if hint is str:
+        return isinstance(value, str), value
+    if hint is list or origin is list:
+        return isinstance(value, list), value
+    if hint is dict or origin is dict:
+        return isinstance(value, dict), value
+    return isinstance(value, hint), value
+
+
+def _hint_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_hint_name(a) for a in typing.get_args(hint) if a is not type(None)) + " or null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def build_section(section: str, data: dict, where: dict[str, str]):
+    """Validate one section's dict into its dataclass. `where` maps dotted keys to the file they came from."""
+    cls = SECTION_SCHEMAS[section]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where.get(section, '?')}: section '{section}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        src = where.get(f"{section}.{key}", where.get(section, "?"))
+        if key not in fields:
+            raise ConfigError(f"{src}: unknown field '{section}.{key}' (known: {', '.join(fields)})")
+        ok, coerced = _type_ok(value, hints[key])
+        if not ok:
+            raise ConfigError(f"{src}: field '{section}.{key}' must be {_hint_name(hints[key])}, "
+                              f"got {type(value).__name__} {value!r}")
+        kwargs[key] = coerced
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where.get(section, '?')}: missing required field '{section}.{name}'")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{where.get(section, '?')}: section '{section}': {e}") from None
+
+
+# ----------------------------------------------------------------------------------------- compose
+def available(group: str) -> list[str]:
+    d = config_root() / group
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def group_file(group: str, name: str) -> Path:
+    if group not in GROUPS:
+        raise ConfigError(f"command line: unknown config group '{group}' (groups: {', '.join(GROUPS)})")
+    path = config_root() / group / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{config_root() / group}: unknown {group} '{name}' "
+                          f"(available: {', '.join(available(group)) or 'none'})")
+    return path
+
+
+def _merge(dst: dict, src: dict, where: dict, origin: str, prefix: str = ""):
+    for k, v in src.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(dst.get(k), dict) and k not in ("arch", "columns"):
+            _merge(dst[k], v, where, origin, key + ".")
+        else:
+            dst[k] = copy.deepcopy(v)
+            where[key] = origin
+
+
+def parse_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+@dataclass
+class Config:
+    """A fully composed, validated config. `raw` is the plain dict written to config.yaml."""
+    raw: dict
+    choices: dict
+    model: ModelCfg
+    task: TaskCfg
+    attack: AttackCfg
+    defense: DefenseCfg
+    deepspeed: DeepSpeedCfg
+    cluster: ClusterCfg
+    source: SourceCfg
+    poison: PoisonCfg
+    train: TrainCfg
+    evaluate: EvaluateCfg
+    report: ReportCfg
+
+    def section(self, name: str) -> dict:
+        return copy.deepcopy(self.raw.get(name, {}))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump({"choices": self.choices, **self.raw}, sort_keys=True)
+
+
+def compose(overrides: list[str] | None = None, experiment: str | None = None) -> Config:
+    """Compose a config from an experiment and `group=name` / `a.b=value` overrides."""
+    overrides = list(overrides or [])
+    choices_cli, dotted = {}, []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override '{item}' must look like group=name or key.sub=value")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if "." in key:
+            dotted.append((key, value))
+        elif key in GROUPS:
+            choices_cli[key] = value
+        elif key in STAGE_SECTIONS:
+            raise ConfigError(f"command line: '{key}' is a section; set one field, e.g. {key}.seed=1")
+        else:
+            raise ConfigError(f"command line: unknown config group '{key}' (groups: {', '.join(GROUPS)})")
+    exp_name = choices_cli.pop("experiment", None) or experiment or "default"
+    exp_path = group_file("experiment", exp_name)
+    exp = load_yaml(exp_path)
+    defaults = exp.pop("defaults", {}) or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{exp_path}: 'defaults' must map group -> name")
+    choices = {g: defaults.get(g) for g in GROUPS if g != "experiment"}
+    choices.update(choices_cli)
+    choices["experiment"] = exp_name
+    raw: dict = {}
+    where: dict = {}
+    for g in GROUPS:
+        if g == "experiment":
+            continue
+        name = choices.get(g)
+        if name is None:
+            raise ConfigError(f"{exp_path}: missing required field 'defaults.{g}'")
+        path = group_file(g, str(name))
+        data = load_yaml(path)
+        data.setdefault("name", str(name))
+        raw[g] = {}
+        where[g] = str(path)
+        _merge(raw[g], data, where, str(path), g + ".")
+    for section, data in exp.items():
+        if section not in GROUPS and section not in STAGE_SECTIONS:
+            raise ConfigError(f"{exp_path}: unknown section '{section}'")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{exp_path}: section '{section}' must be a mapping")
+        raw.setdefault(section, {})
+        where.setdefault(section, str(exp_path))
+        _merge(raw[section], data, where, str(exp_path), section + ".")
+    # a defense may carry its own train settings; they apply under the experiment's and the command line's
+    for k, v in (raw.get("defense", {}).get("train") or {}).items():
+        raw.setdefault("train", {})
+        if k not in raw["train"]:
+            raw["train"][k] = copy.deepcopy(v)
+            where[f"train.{k}"] = where.get("defense", "?")
+    for key, value in dotted:
+        parts = key.split(".")
+        if parts[0] not in GROUPS and parts[0] not in STAGE_SECTIONS:
+            raise ConfigError(f"command line: unknown section '{parts[0]}' in override '{key}'")
+        node = raw.setdefault(parts[0], {})
+        for p in parts[1:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command line: '{key}' goes through a non-mapping field")
+        node[parts[-1]] = parse_value(value)
+        where[key] = f"command line ({key}={value})"
+        where[".".join(parts[:2])] = where[key]
+    sections = {}
+    for s in SECTION_SCHEMAS:
+        raw.setdefault(s, {})
+        where.setdefault(s, str(exp_path))
+        sections[s] = build_section(s, raw[s], where)
+        raw[s] = dataclasses.asdict(sections[s])
+    return Config(raw=raw, choices=choices, **sections)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from a written config.yaml (for stages that read another stage's output)."""
+    data = copy.deepcopy(data)
+    choices = data.pop("choices", {})
+    where = {s: "config.yaml" for s in SECTION_SCHEMAS}
+    sections = {s: build_section(s, data.get(s, {}), where) for s in SECTION_SCHEMAS}
+    raw = {s: dataclasses.asdict(v) for s, v in sections.items()}
+    return Config(raw=raw, choices=choices, **sections)
+
+
+def compose_model(data: dict) -> ModelCfg:
+    """A ModelCfg from a plain dict (e.g. the `model` section of a written config.yaml)."""
+    return build_section("model", data, {"model": "config.yaml"})
