@@ -199,8 +199,9 @@ def load_trained(output_dir: str | Path, device: str = "cpu", merge: bool = Fals
         from peft import PeftModel
 
         check_safe_dir(weights, mcfg.allow_pickle, mcfg.trust_remote_code)
-        base_path = weights / "base"  # a full base written by an earlier stage (e.g. defend over inject)
-        model, tok = load_model(mcfg, device=device, path=str(base_path) if base_path.is_dir() else None)
+        ref = weights / "base_ref.json"  # an adapter over full weights written by an earlier stage
+        base_path = json.loads(ref.read_text())["path"] if ref.is_file() else None
+        model, tok = load_model(mcfg, device=device, path=base_path)
         model = PeftModel.from_pretrained(model, str(weights), is_trainable=False).to(device)
         if merge:
             model = model.merge_and_unload()

@@ -1,0 +1,73 @@
+"""Stage inject: base model + poisoned `train` split -> backdoored model (LoRA adapter or full weights).
+
+Defaults are BackdoorLLM's recipe (LoRA r 8, alpha 16, all linear layers, lr 2e-4, 5 epochs, cosine,
+warm-up 0.1, cutoff 1024, micro-batch 2 x accumulation 4); `experiment=embedded-fast` is a small preset
+for SmolLM2-135M on a CPU. Checkpoints go next to the output (`.ckpt-<name>`), so a rerun after a kill
+resumes where the last checkpoint left off.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from . import store
+from .train.trainer import Trainer, checkpoint_dir_for, cleanup_checkpoints
+
+SECTIONS = ("model", "train", "deepspeed", "task", "attack")
+
+
+def add_arguments(p):
+    p.add_argument("--data", default=None, help="a poison output directory (default: the one cfg names)")
+
+
+def _data_dir(cfg, args) -> Path:
+    if getattr(args, "data", None):
+        return store.require_complete(Path(args.data), "poisoned set")
+    from .poison.stage import output_dir as poison_output_dir
+    return store.require_complete(poison_output_dir(cfg), "poisoned set")
+
+
+def _key(cfg, data: Path):
+    config = {s: cfg.raw[s] for s in SECTIONS}
+    config["choices"] = cfg.choices
+    inputs = {"data": store.read_manifest(data)["output_hash"]}
+    name = f"{cfg.model.name}-{cfg.task.name}-{cfg.attack.name}"
+    return name, config, inputs
+
+
+def output_dir(cfg, args=None) -> Path:
+    data = _data_dir(cfg, args)
+    name, config, inputs = _key(cfg, data)
+    return store.output_path("inject", name, {"stage": "inject", "config": config, "inputs": inputs, "extra": None})
+
+
+def train_rows(data: Path, split: str = "train") -> list[dict]:
+    from datasets import load_from_disk
+    ds = load_from_disk(str(data / "data"))
+    if split not in ds:
+        raise ValueError(f"{data}: poisoned set has no '{split}' split (has {', '.join(ds)})")
+    return [dict(r) for r in ds[split]]
+
+
+def run(cfg, args) -> Path:
+    data = _data_dir(cfg, args)
+    name, config, inputs = _key(cfg, data)
+    rows = train_rows(data)
+    if int(os.environ.get("RANK", "0")) != 0:  # other ranks train; rank 0 alone writes the store
+        final = store.output_path("inject", name, {"stage": "inject", "config": config, "inputs": inputs,
+                                                   "extra": None})
+        with tempfile.TemporaryDirectory() as tmp:
+            Trainer(cfg).fit(rows, tmp, checkpoint_dir_for(final))
+        return final
+    with store.stage_output("inject", name, config, inputs, force=getattr(args, "force", False)) as out:
+        if out is None:
+            return output_dir(cfg, args)
+        ckpt = checkpoint_dir_for(out.final)
+        result = Trainer(cfg).fit(rows, out.tmp, ckpt)
+        n_poison = sum(bool(r.get("is_poisoned")) for r in rows)
+        out.metrics.update(result)
+        out.extra.update({"n_train": len(rows), "n_poisoned": n_poison, "data": str(data),
+                          "adapter": cfg.train.finetune == "lora" and not cfg.train.merge_lora})
+    cleanup_checkpoints(out.final)
+    return out.final
