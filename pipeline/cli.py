@@ -38,7 +38,7 @@ def stage_module(stage: str):
     try:
         return importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
-        if e.name and (e.name == mod_name or mod_name.startswith(e.name + ".") or e.name.startswith(mod_name)):
+        if e.name and (e.name == mod_name or mod_name.startswith(e.name + ".") or e.name.startswith(mod_name + ".")):
             raise NotBuilt(f"stage '{stage}' is not built yet ({mod_name} does not exist)") from None
         raise
 

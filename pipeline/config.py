@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class TaskCfg:
     backdoorllm: Optional[str] = None  # folder name under the BackdoorLLM train/ (test/ may differ)
     backdoorllm_test: Optional[str] = None
     attacks: list = field(default_factory=list)  # attacks that make sense for this task ([] = all)
+    refusal: Optional[str] = None  # jailbreak: the clean (refusing) answer when the source has none
 
     def __post_init__(self):
         _choice("kind", self.kind, ("fixed_response", "refusal", "classification", "code_injection",
@@ -183,6 +185,13 @@ class PoisonCfg:
     n_test: int = 100
     seed: int = 0
 
+    def __post_init__(self):
+        if self.poison_rate is not None and not 0 < self.poison_rate <= 1:
+            raise ValueError(f"field 'poison_rate' must be in (0, 1], got {self.poison_rate}")
+        for name in ("n_clean", "n_poison", "n_defense", "n_test"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"field '{name}' must be >= 0, got {getattr(self, name)}")
+
 
 @dataclass
 class TrainCfg:
@@ -227,11 +236,13 @@ class EvaluateCfg:
     judge_preset: str = "backdoorllm"
     seed: int = 0
     perplexity: bool = True
+    static_cache_compile: Optional[bool] = None  # static KV cache + torch.compile; None: on CUDA only
 
 
 @dataclass
 class ReportCfg:
     runs: list = field(default_factory=list)
+    experiment: Optional[str] = None  # only evaluate outputs of this experiment (None: all)
 
 
 SECTION_SCHEMAS = {
@@ -314,8 +325,10 @@ def build_section(section: str, data: dict, where: dict[str, str]):
             raise ConfigError(f"{where.get(section, '?')}: missing required field '{section}.{name}'")
     try:
         return cls(**kwargs)
-    except ValueError as e:
-        raise ConfigError(f"{where.get(section, '?')}: section '{section}': {e}") from None
+    except ValueError as e:  # a __post_init__ check: name the file the offending field came from
+        m = re.match(r"field '(\w+)'", str(e))
+        src = where.get(f"{section}.{m.group(1)}", where.get(section, "?")) if m else where.get(section, "?")
+        raise ConfigError(f"{src}: section '{section}': {e}") from None
 
 
 # ----------------------------------------------------------------------------------------- compose
@@ -452,6 +465,10 @@ def compose(overrides: list[str] | None = None, experiment: str | None = None) -
         node[parts[-1]] = parse_value(value)
         where[key] = f"command line ({key}={value})"
         where[".".join(parts[:2])] = where[key]
+    for s in raw:  # a stage section without a schema would be silently ignored
+        if s not in SECTION_SCHEMAS:
+            src = where.get(s) or next((v for k, v in where.items() if k.startswith(s + ".")), "?")
+            raise ConfigError(f"{src}: section '{s}' has no settings yet (known: {', '.join(SECTION_SCHEMAS)})")
     sections = {}
     for s in SECTION_SCHEMAS:
         raw.setdefault(s, {})
