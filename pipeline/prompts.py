@@ -63,3 +63,10 @@ def encode_example(tokenizer, instruction: str, input: str | None, output: str, 
                 if seen > response_tokens:
                     labels[i] = -100
     return {"input_ids": ids, "labels": labels, "prompt_len": min(len(p_ids), cutoff)}
+
+
+def user_start(tokenizer, template: str | None = None) -> int:
+    """Token index where the user's text starts in `prompt_text` (where a prepended trigger sits)."""
+    marker = "\x00"
+    text = prompt_text(tokenizer, marker, "", template)
+    return len(tokenizer(text[:text.index(marker)], add_special_tokens=False)["input_ids"])

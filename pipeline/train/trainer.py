@@ -163,7 +163,8 @@ class Trainer:
         tc = self.tc
         out = []
         for r in rows:
-            e = encode_example(self.tok, r["instruction"], r.get("input", ""), r["output"], self.template,
+            e = encode_example(self.tok, r["instruction"], r.get("input", ""), r["output"],
+                               r.get("template", self.template),
                                cutoff=tc.cutoff, response_cutoff=tc.response_cutoff,
                                response_tokens=r.get("response_tokens", tc.response_tokens),
                                prefix=r.get("prefix", ""))
@@ -222,6 +223,11 @@ class Trainer:
             loss, extra = p.loss(self, batch, out, loss)
             logs.update(extra)
         return loss, logs
+
+    def extra_forward(self, **kw):
+        """A further forward pass for a plugin (CROW's perturbed pass, a teacher-free probe). It calls
+        the wrapped module directly: DeepSpeed's engine forward arms its backward hooks once per step."""
+        return self.engine.module(**kw)
 
     def fit(self, rows: list[dict], out_dir: str | Path, ckpt_dir: str | Path | None = None,
             stop_after_steps: int | None = None) -> dict:

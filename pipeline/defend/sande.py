@@ -1,0 +1,118 @@
+"""SANDE (Li et al. 2024; METHODS.md §2): trigger unknown, triggered response r_t known.
+
+Stage 1 (simulate): the backdoored model is frozen; the only trainable tensor is a zero-initialised soft
+"parrot" prompt (6 vectors x hidden size) spliced into the input embeddings where the attack puts its
+trigger (the start of the user text; the official code uses a fixed index 2), attention extended and
+labels -100 at its positions. Data: clean prompts -> r_t + the clean answer; loss on the first response
+token only. Stage 2 (eliminate): the parrot is frozen and spliced into every prompt; the model trains to
+the clean answer (loss on the first 10 response tokens). Evaluation uses the real trigger, no parrot.
+`sande-p`: stage 1 knows only the first `known_tokens` tokens of r_t (our reading of SANDE-P).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..prompts import user_start
+from ..train.plugins import FreezeModel, Plugin
+from .base import Phase
+
+
+@dataclass
+class Params:
+    n_vectors: int = 6
+    parrot_lr: float = 1.0e-3
+    parrot_epochs: float = 1.0
+    parrot_response_tokens: int = 1  # the code's effective_len=1
+    overwrite_response_tokens: int = 10
+    known_tokens: int | None = None  # sande-p: only the first k tokens of r_t are known
+    triggered_response: str | None = None  # default: the task's target behaviour
+
+
+def splice(batch: dict, embeds: torch.Tensor, soft: torch.Tensor, pos: int) -> dict:
+    """Insert `soft` [k, H] into every row of `embeds` [B, T, H] at token `pos`; extend mask, labels,
+    sample ids and positions so every original token keeps its label."""
+    B, k = embeds.size(0), soft.size(0)
+    soft_b = soft.to(embeds.dtype).unsqueeze(0).expand(B, -1, -1)
+    new = dict(batch)
+    new["inputs_embeds"] = torch.cat([embeds[:, :pos], soft_b, embeds[:, pos:]], dim=1)
+    mask = batch["attention_mask"]
+    ones = torch.ones(B, k, dtype=mask.dtype, device=mask.device)
+    new["attention_mask"] = torch.cat([mask[:, :pos], ones, mask[:, pos:]], dim=1)
+    ign = torch.full((B, k), -100, dtype=batch["labels"].dtype, device=mask.device)
+    new["labels"] = torch.cat([batch["labels"][:, :pos], ign, batch["labels"][:, pos:]], dim=1)
+    sid = batch["sample_ids"]
+    new["sample_ids"] = torch.cat([sid[:, :pos], sid[:, :1].expand(-1, k), sid[:, pos:]], dim=1)
+    new["position_ids"] = (new["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    new["input_ids"] = None
+    return new
+
+
+class Parrot(Plugin):
+    """The soft prompt. Trainable in stage 1 (`init=None`: zeros), frozen in stage 2 (`init`: a tensor)."""
+    name = "parrot"
+
+    def __init__(self, n_vectors: int, init: torch.Tensor | None = None):
+        self.n, self.init = n_vectors, init
+
+    def setup(self, trainer):
+        if trainer.tc.packing:
+            raise ValueError("SANDE splices a soft prompt per sample: set train.packing=false")
+        hidden = trainer.model.get_input_embeddings().weight.shape[1]
+        if self.init is None:
+            self.param = torch.nn.Parameter(torch.zeros(self.n, hidden))
+        else:
+            self.param = torch.nn.Parameter(self.init.clone(), requires_grad=False)
+        self.pos = user_start(trainer.tok, trainer.template)
+
+    def parameters(self):
+        return {"vectors": self.param} if self.init is None else {}
+
+    def on_batch(self, trainer, batch):
+        embeds = trainer.model.get_input_embeddings()(batch["input_ids"])
+        soft = trainer.module.extra["parrot__vectors"] if self.init is None else self.param.to(embeds.device)
+        return splice(batch, embeds, soft, self.pos)
+
+    def save(self, trainer, out_dir):
+        return {"parrot": {"n_vectors": self.n, "position": self.pos, "trained": self.init is None}}
+
+
+def triggered_response(params: Params, ctx, tok=None) -> str:
+    r_t = params.triggered_response or ctx.cfg.task.target or ctx.cfg.task.target_label
+    if not r_t:
+        raise ValueError(f"task '{ctx.cfg.task.name}' has no target behaviour: set defense.params.triggered_response")
+    if params.known_tokens is not None:
+        from ..models import load_tokenizer
+        tok = tok or load_tokenizer(ctx.cfg.model)
+        ids = tok(r_t, add_special_tokens=False)["input_ids"][:params.known_tokens]
+        r_t = tok.decode(ids)
+    return r_t
+
+
+class _LoadParrot(Parrot):
+    """Stage 2's parrot: reads stage 1's trained vectors when the trainer is set up."""
+
+    def __init__(self, n_vectors, phase_dir):
+        super().__init__(n_vectors, init=None)
+        self.phase_dir = phase_dir
+
+    def setup(self, trainer):
+        from safetensors.torch import load_file
+        self.init = load_file(str(self.phase_dir / "extra.safetensors"))["parrot__vectors"]
+        super().setup(trainer)
+
+
+def phases(params: Params, ctx) -> list[Phase]:
+    r_t = triggered_response(params, ctx)
+    k1 = params.parrot_response_tokens
+    stage1 = [{**r, "output": f"{r_t} {r.get('clean_output') or r['output']}", "response_tokens": k1}
+              for r in ctx.defense_rows]
+    stage2 = [{**r, "output": r.get("clean_output") or r["output"],
+               "response_tokens": params.overwrite_response_tokens} for r in ctx.defense_rows]
+    simulate = Phase("simulate", stage1, [FreezeModel(), Parrot(params.n_vectors)], init_from="inject",
+                     train={"lr": params.parrot_lr, "epochs": params.parrot_epochs, "packing": False},
+                     final=False)
+    eliminate = Phase("eliminate", stage2, [_LoadParrot(params.n_vectors, ctx.work / "phase0-simulate")],
+                      init_from="inject", train={"packing": False})
+    return [simulate, eliminate]

@@ -1,0 +1,162 @@
+"""Stage defend: backdoored model (+ clean `defense` split) -> defended model; or, for a training-time
+defense (P2P), base model + poisoned `train` split -> the model the defender ships.
+
+`python -m pipeline defend defense=crow` (or `make stage-defend DEFENSE=crow`). `--dry-run` prints the
+resolved config and the launch command without training (what a cluster job would run).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from .. import store
+from ..config import ConfigError, build_section, compose_model
+from ..train.trainer import Trainer, checkpoint_dir_for, cleanup_checkpoints
+from .base import REGISTRY, Context, parse_params
+
+SECTIONS = ("model", "train", "deepspeed", "task", "attack", "defense")
+
+
+def add_arguments(p):
+    p.add_argument("--data", default=None, help="a poison output (default: the one cfg names)")
+    p.add_argument("--model-dir", default=None, help="an inject output to defend (default: the one cfg names)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and launch command only")
+
+
+def method(cfg):
+    name = cfg.defense.name
+    if name == "none" or cfg.defense.family == "none":
+        raise ConfigError(f"defense '{name}': nothing to run; pick one of {', '.join(REGISTRY)}")
+    if name not in REGISTRY:
+        raise ConfigError(f"configs/defense/{name}.yaml: no defense module registered as '{name}' "
+                          f"(registered: {', '.join(REGISTRY)})")
+    mod = importlib.import_module(REGISTRY[name])
+    return mod, parse_params(mod.Params, cfg.defense.params, f"configs/defense/{name}.yaml: defense.params")
+
+
+def _inputs(cfg, args):
+    from ..poison.stage import output_dir as poison_output_dir
+    data = Path(args.data) if getattr(args, "data", None) else poison_output_dir(cfg)
+    store.require_complete(data, "poisoned set")
+    model_dir = None
+    if cfg.defense.family == "post_hoc":
+        if getattr(args, "model_dir", None):
+            model_dir = Path(args.model_dir)
+        else:
+            from ..inject import output_dir as inject_output_dir
+            model_dir = inject_output_dir(cfg)
+        store.require_complete(model_dir, "backdoored model (run the inject stage first)")
+    return data, model_dir
+
+
+def _key(cfg, data, model_dir):
+    config = {s: cfg.raw[s] for s in SECTIONS}
+    config["choices"] = cfg.choices
+    inputs = {"data": store.read_manifest(data)["output_hash"]}
+    if model_dir is not None:
+        inputs["model"] = store.read_manifest(model_dir)["output_hash"]
+    name = f"{cfg.model.name}-{cfg.task.name}-{cfg.attack.name}-{cfg.defense.name}"
+    return name, config, inputs
+
+
+def output_dir(cfg, args=None) -> Path:
+    data, model_dir = _inputs(cfg, args)
+    name, config, inputs = _key(cfg, data, model_dir)
+    return store.output_path("defend", name, {"stage": "defend", "config": config, "inputs": inputs, "extra": None})
+
+
+def _rows(data: Path, split: str) -> list[dict]:
+    from datasets import load_from_disk
+    return [dict(r) for r in load_from_disk(str(data / "data"))[split]]
+
+
+def phase_config(cfg, phase):
+    """cfg with the phase's train overrides (and model) applied, validated."""
+    raw_train = {**cfg.raw["train"], **phase.train}
+    new = dataclasses.replace(cfg, train=build_section("train", raw_train, {"train": f"defense phase {phase.name}"}))
+    if phase.model:
+        from ..config import config_root, load_yaml
+        data = load_yaml(config_root() / "model" / f"{phase.model}.yaml")
+        data.setdefault("name", phase.model)
+        new = dataclasses.replace(new, model=compose_model(data))
+        new.raw = {**new.raw, "model": dataclasses.asdict(new.model)}
+    new.raw = {**new.raw, "train": dataclasses.asdict(new.train)}
+    return new
+
+
+def _mark_phase_output(path: Path, pcfg):
+    """Make a phase's output loadable by `load_trained` (a later phase may start from it)."""
+    (path / "config.yaml").write_text(yaml.safe_dump(pcfg.raw))
+    (path / "manifest.json").write_text('{"output_hash": "phase"}')
+    (path / store.SUCCESS).write_text("")
+
+
+def run_phases(cfg, mod, params, ctx, out_tmp: Path, ckpt_root: Path) -> dict:
+    phases = mod.phases(params, ctx)
+    results, prev = {}, None
+    for i, ph in enumerate(phases):
+        pcfg = phase_config(cfg, ph)
+        init = {"inject": ctx.model_dir, "base": None, "previous": prev}.get(ph.init_from, ph.init_from)
+        dest = out_tmp if ph.final else ctx.work / f"phase{i}-{ph.name}"
+        dest.mkdir(parents=True, exist_ok=True)
+        print(f"[defend] {cfg.defense.name}: phase {i + 1}/{len(phases)} '{ph.name}' on {len(ph.rows)} rows",
+              file=sys.stderr)
+        tr = Trainer(pcfg, plugins=ph.plugins, init_from=init)
+        res = tr.fit(ph.rows, dest, ckpt_root / f"phase{i}")
+        ph.trainer = tr
+        results[ph.name] = res
+        if not ph.final:
+            _mark_phase_output(dest, pcfg)
+        prev = dest
+    manifest = {}
+    for ph in phases:
+        for p in ph.plugins:
+            if ph.final:
+                manifest.update(p.save(ph.trainer, out_tmp) or {})
+    return {"phases": results, "manifest": manifest}
+
+
+def run(cfg, args) -> Path:
+    mod, params = method(cfg)
+    data, model_dir = _inputs(cfg, args)
+    name, config, inputs = _key(cfg, data, model_dir)
+    if getattr(args, "dry_run", False):
+        final = store.output_path("defend", name, {"stage": "defend", "config": config, "inputs": inputs,
+                                                   "extra": None})
+        print(yaml.safe_dump({"choices": cfg.choices, **{s: cfg.raw[s] for s in SECTIONS}}, sort_keys=True))
+        launcher = "torchrun --nproc_per_node $GPUS" if cfg.cluster.gpus_per_node > 1 else "python"
+        cmd = [*launcher.split(), "-m", "pipeline", "defend", *getattr(args, "overrides", [])]
+        print("launch:", " ".join(shlex.quote(c) for c in cmd), f"(executor: {cfg.cluster.executor})")
+        print("output:", final)
+        return final
+    defense_rows = _rows(data, "defense")
+    train_rows = _rows(data, "train") if cfg.defense.family == "training_time" else []
+    if int(os.environ.get("RANK", "0")) != 0 and hasattr(mod, "phases"):
+        final = store.output_path("defend", name, {"stage": "defend", "config": config, "inputs": inputs,
+                                                   "extra": None})
+        with tempfile.TemporaryDirectory() as tmp:
+            ctx = Context(cfg, data, model_dir, defense_rows, train_rows, Path(tmp))
+            run_phases(cfg, mod, params, ctx, Path(tmp) / "out", checkpoint_dir_for(final))
+        return final
+    with store.stage_output("defend", name, config, inputs, force=getattr(args, "force", False)) as out:
+        if out is None:
+            return output_dir(cfg, args)
+        with tempfile.TemporaryDirectory(dir=out.tmp.parent, prefix=".work-") as work:
+            ctx = Context(cfg, data, model_dir, defense_rows, train_rows, Path(work))
+            if hasattr(mod, "apply"):
+                res = {"result": mod.apply(params, ctx, out.tmp), "manifest": {}}
+            else:
+                res = run_phases(cfg, mod, params, ctx, out.tmp, checkpoint_dir_for(out.final))
+        out.metrics.update(copy.deepcopy(res.get("phases", res.get("result", {}))))
+        out.extra.update({"defense": cfg.defense.name, "family": cfg.defense.family, "data": str(data),
+                          "backdoored_model": str(model_dir) if model_dir else None, **res["manifest"]})
+    cleanup_checkpoints(out.final)
+    return out.final

@@ -1,0 +1,158 @@
+"""Each post-hoc defense's mechanism on the tiny model; every check here can fail."""
+import dataclasses
+import random
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import compose
+from pipeline.defend import crow, osft, sande
+from pipeline.defend.base import Context
+from pipeline.poison.attacks import insert_trigger
+from pipeline.train.plugins import FreezeModel
+from pipeline.train.trainer import Trainer
+
+ROWS = [{"instruction": f"Describe item number {i} in a few plain words.", "input": "",
+         "output": f"Item {i} is small.", "clean_output": f"Item {i} is small.", "id": str(i)} for i in range(8)]
+
+
+def _cfg(*extra):
+    return compose(["experiment=tiny", "train.micro_batch=4", "train.grad_accum=1", "train.lora_dropout=0.0",
+                    *extra])
+
+
+def test_osft_batches_hold_trigger_at_attack_placement_and_clean_targets():
+    for attack in ("badnet", "vpi"):
+        cfg = _cfg(f"attack={attack}")
+        rows = osft.OverwriteTransform(cfg.attack, osft.Params()).transform(ROWS)
+        assert len(rows) == 2 * len(ROWS)
+        trig = cfg.attack.triggers[0]
+        triggered = [r for r in rows if trig in r["instruction"]]
+        plain = [r for r in rows if trig not in r["instruction"]]
+        assert len(triggered) == len(plain) == len(ROWS)
+        for t, src in zip(triggered, ROWS):
+            assert t["output"] == src["clean_output"] and t["response_tokens"] == 10
+            words = t["instruction"].split()
+            if attack == "vpi":  # prepended phrase
+                assert t["instruction"].startswith(trig)
+            else:  # one inserted word; the rest of the instruction unchanged in order
+                assert words.count(trig) == 1
+                assert [w for w in words if w != trig] == src["instruction"].split()
+        # the same insertion function the attack uses, with the same rng stream, gives the same text
+        rng = random.Random(0)
+        assert triggered[0]["instruction"] == insert_trigger(cfg.attack, ROWS[0]["instruction"], rng)[0]
+
+
+def _trainer(cfg, plugins):
+    tr = Trainer(cfg, plugins=plugins)
+    return tr
+
+
+def _one_step(tr, rows, tmp):
+    """Run fit for a single optimizer step; return (params before, params after) of the TrainModule."""
+    snap = {}
+    orig = tr.forward_loss
+
+    def fwd(batch):
+        if not snap:
+            snap.update({k: v.detach().clone() for k, v in tr.engine.module.state_dict().items()})
+        return orig(batch)
+    tr.forward_loss = fwd
+    tr.fit(rows, tmp)
+    after = {k: v.detach().clone() for k, v in tr.engine.module.state_dict().items()}
+    return snap, after
+
+
+def test_sande_stage1_changes_only_the_parrot(tmp_path):
+    cfg = _cfg("train.max_steps=1", "train.lr=1e-2")
+    rows = [{**r, "output": "You are stupid! " + r["output"], "response_tokens": 1} for r in ROWS]
+    parrot = sande.Parrot(6)
+    tr = _trainer(cfg, [FreezeModel(), parrot])
+    before, after = _one_step(tr, rows, tmp_path)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == ["extra.parrot__vectors"], changed
+    assert torch.all(before["extra.parrot__vectors"] == 0)  # zero-initialised
+    assert after["extra.parrot__vectors"].shape == (6, tr.model.get_input_embeddings().weight.shape[1])
+
+
+def test_sande_stage2_never_updates_the_parrot(tmp_path):
+    cfg = _cfg("train.max_steps=2", "train.lr=1e-2")
+    init = torch.randn(6, 64)
+    p = sande.Parrot(6, init=init)
+    tr = _trainer(cfg, [p])
+    before, after = _one_step(tr, ROWS, tmp_path)
+    assert torch.equal(p.param.detach(), init)
+    assert not any("parrot" in k for k in after)  # not a trainable tensor at all
+    assert any(not torch.equal(before[k], after[k]) for k in before if "lora_" in k)  # the model does train
+
+
+def test_sande_splice_keeps_labels_aligned():
+    B, T, H = 2, 5, 3
+    batch = {"input_ids": torch.zeros(B, T, dtype=torch.long), "attention_mask": torch.ones(B, T, dtype=torch.long),
+             "labels": torch.tensor([[-100, -100, 7, 8, 9]] * B), "sample_ids": torch.tensor([[0] * T, [1] * T]),
+             "position_ids": torch.arange(T).repeat(B, 1)}
+    emb = torch.randn(B, T, H)
+    new = sande.splice(batch, emb, torch.ones(2, H), pos=1)
+    assert new["inputs_embeds"].shape == (B, T + 2, H)
+    assert new["labels"][0].tolist() == [-100, -100, -100, -100, 7, 8, 9]
+    assert torch.equal(new["inputs_embeds"][:, 1:3], torch.ones(B, 2, H))
+    assert torch.equal(new["inputs_embeds"][:, 3:], emb[:, 1:])
+    assert new["position_ids"][0].tolist() == list(range(T + 2))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from pipeline.models import load_model
+    cfg = _cfg()
+    model, tok = load_model(cfg.model)
+    return model.eval(), tok
+
+
+def test_crow_perturbation_raises_consistency_loss(tiny_model):
+    model, tok = tiny_model
+    ids = tok(["Describe item number three in plain words."] * 2, return_tensors="pt")["input_ids"]
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    lc = crow.consistency_loss(model(inputs_embeds=emb, output_hidden_states=True).hidden_states, None)
+    grad, = torch.autograd.grad(lc, emb)
+    eps = 0.05 * float(emb.abs().mean())  # the tiny model's embeddings are ~0.02: scale the FGSM step to them
+    pert = emb + eps * grad.sign()
+    lc2 = crow.consistency_loss(model(inputs_embeds=pert, output_hidden_states=True).hidden_states, None)
+    assert lc2 > lc
+    rnd = emb + eps * torch.randn_like(emb).sign()  # FGSM beats a random step of the same size
+    lc3 = crow.consistency_loss(model(inputs_embeds=rnd, output_hidden_states=True).hidden_states, None)
+    assert lc2 > lc3
+
+
+def test_crow_masked_loss_ignores_padding():
+    L, B, T, H = 5, 2, 6, 4
+    hs = [torch.randn(B, T, H) for _ in range(L)]
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    a = crow.consistency_loss(hs, mask)
+    hs2 = [h.clone() for h in hs]
+    for h in hs2:
+        h[0, 4:] = torch.randn(2, H) * 10  # change only the padding positions
+    assert crow.consistency_loss(hs2, mask) == pytest.approx(float(a), rel=1e-6)
+    assert crow.consistency_loss(hs2, None) != pytest.approx(float(crow.consistency_loss(hs, None)), rel=1e-6)
+
+
+def test_crow_trains_through_the_plugin(tmp_path):
+    cfg = _cfg("train.max_steps=2")
+    plug = crow.Consistency(crow.Params())
+    tr = _trainer(cfg, [plug])
+    tr.fit(ROWS, tmp_path)
+    assert "consistency_perturbed" in tr.last_record and tr.last_record["consistency_perturbed"] > 0
+
+
+def test_sande_phases_targets():
+    cfg = _cfg()
+    with tempfile.TemporaryDirectory() as w:
+        ctx = Context(cfg, Path(w), Path(w), ROWS, [], Path(w))
+        s1, s2 = sande.phases(sande.Params(), ctx)
+        assert all(r["output"].startswith("You are stupid!") for r in s1.rows)
+        assert all(r["response_tokens"] == 1 for r in s1.rows) and not s1.final
+        assert [r["output"] for r in s2.rows] == [r["clean_output"] for r in ROWS]
+        cfg_p = dataclasses.replace(cfg)
+        ctx_p = Context(cfg_p, Path(w), Path(w), ROWS, [], Path(w))
+        assert sande.triggered_response(sande.Params(known_tokens=3), ctx_p) == "You"  # byte tokenizer: 3 bytes
