@@ -114,7 +114,7 @@ class TrainModule(torch.nn.Module):
 
 class Trainer:
     def __init__(self, cfg, plugins: list[Plugin] | None = None, init_from: str | Path | None = None,
-                 template: str | None = None):
+                 template: str | None = None, model=None, tokenizer=None):
         """`cfg`: a composed Config (model, train, deepspeed sections). `init_from`: an inject/defend output
         to continue (its adapter keeps training with LoRA; full weights are loaded as the base)."""
         self.cfg, self.tc, self.dc = cfg, cfg.train, cfg.deepspeed
@@ -125,6 +125,8 @@ class Trainer:
         self.cuda = torch.cuda.is_available()
         self.device = torch.device(f"cuda:{self.local_rank}" if self.cuda else "cpu")
         self.is_main = self.rank == 0
+        self._given = (model, tokenizer)  # a model built by the caller (benchmarks); LoRA still applies
+        self.records: list[dict] = []
 
     # ----------------------------------------------------------------------------------- model
     def build_model(self):
@@ -134,7 +136,9 @@ class Trainer:
         if self.dc.zero_stage == 3:  # let from_pretrained partition weights as they load (zero.Init)
             from transformers.integrations import HfDeepSpeedConfig
             self._hf_ds = HfDeepSpeedConfig(deepspeed_config(tc, self.dc, self.world, self.cuda))
-        if self.init_from is not None:
+        if self._given[0] is not None:
+            model, tok = self._given
+        elif self.init_from is not None:
             model, tok, _ = load_trained(self.init_from, device="cpu")
             if hasattr(model, "peft_config"):  # continue the adapter
                 for n, p in model.named_parameters():
@@ -163,6 +167,9 @@ class Trainer:
         tc = self.tc
         out = []
         for r in rows:
+            if "input_ids" in r:  # already tokenised (benchmarks)
+                out.append({"input_ids": list(r["input_ids"]), "labels": list(r.get("labels", r["input_ids"]))})
+                continue
             e = encode_example(self.tok, r["instruction"], r.get("input", ""), r["output"],
                                r.get("template", self.template),
                                cutoff=tc.cutoff, response_cutoff=tc.response_cutoff,
@@ -230,7 +237,7 @@ class Trainer:
         return self.engine.module(**kw)
 
     def fit(self, rows: list[dict], out_dir: str | Path, ckpt_dir: str | Path | None = None,
-            stop_after_steps: int | None = None) -> dict:
+            stop_after_steps: int | None = None, save: bool = True) -> dict:
         """Train on `rows` ({instruction, input, output}) and save into `out_dir/model`. Resumes from
         `ckpt_dir` when it holds a checkpoint. `stop_after_steps` stops early (tests of kill/resume)."""
         import deepspeed
@@ -278,6 +285,7 @@ class Trainer:
         metrics_f = open(out_dir / "metrics.jsonl", "a") if self.is_main else None
         bar = tqdm(total=total, initial=step, desc="train", disable=not self.is_main, dynamic_ncols=True)
         t0, tokens, last = time.time(), 0, {}
+        t_step, tok_step = time.time(), 0
         epoch, done = 0, step >= total
         seen = 0  # micro-batches passed over in this process (to skip to `micro` when resuming)
         while not done:
@@ -292,15 +300,22 @@ class Trainer:
                 self.engine.step()
                 seen += 1
                 micro += 1
-                tokens += int((batch["sample_ids"] >= 0).sum())  # non-padding tokens
+                n_tok = int((batch["sample_ids"] >= 0).sum())  # non-padding tokens
+                tokens += n_tok
+                tok_step += n_tok
                 for k, v in logs.items():
                     last[k] = last.get(k, 0.0) + v / tc.grad_accum
                 if micro % tc.grad_accum:
                     continue
                 step += 1
                 dt = max(time.time() - t0, 1e-9)
+                if self.cuda:
+                    torch.cuda.synchronize()
                 rec = {"step": step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], **last,
-                       "tokens_per_s": tokens * self.world / dt}
+                       "tokens_per_s": tokens * self.world / dt, "step_s": time.time() - t_step,
+                       "step_tokens": tok_step * self.world}
+                t_step, tok_step = time.time(), 0
+                self.records.append(rec)
                 last = {}
                 if self.is_main and (step % tc.log_every == 0 or step == total):
                     metrics_f.write(json.dumps(rec) + "\n")
@@ -319,7 +334,8 @@ class Trainer:
             metrics_f.close()
         if stop_after_steps and step < total:
             return {"stopped_at": step}
-        self.save(out_dir)
+        if save:
+            self.save(out_dir)
         return {"steps": step, "train_wall_s": time.time() - t0, "final": getattr(self, "last_record", {})}
 
     def save_checkpoint(self, ckpt_dir: Path, step: int, micro: int):
