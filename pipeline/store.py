@@ -132,6 +132,7 @@ def stage_output(stage: str, name: str, config: dict, inputs: dict[str, str], fo
         yield None
         return
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(final)
     tmp = final.parent / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -165,6 +166,19 @@ def stage_output(stage: str, name: str, config: dict, inputs: dict[str, str], fo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_stale(final: Path):
+    """Delete temporary directories of this output left by killed processes of this host."""
+    host = socket.gethostname()
+    for d in final.parent.glob(f".tmp-{final.name}-{host}-*"):
+        try:
+            pid = int(d.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)  # still running: leave it
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
 
 
 def _fsync_dir(path: Path):

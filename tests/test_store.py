@@ -205,3 +205,24 @@ def test_list_outputs_and_latest_only_complete(runs):
     assert latest("poison", "demo") == a
     assert a in list_outputs("poison") and all(not p.name.startswith(".") for p in list_outputs())
     assert store.runs_root() == runs
+
+
+def test_stale_tmp_of_dead_process_is_removed(tmp_path, monkeypatch):
+    import socket
+
+    from pipeline import store
+    monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
+    final = store.output_path("s", "n", {"a": 1})
+    final.parent.mkdir(parents=True)
+    stale = final.parent / f".tmp-{final.name}-{socket.gethostname()}-999999999"
+    stale.mkdir()
+    (stale / "half").write_text("x")
+    with store.stage_output("s", "n", {"a": 1}, {}, key_extra=None) as out:
+        assert out is not None
+    # the key differs (stage/config/inputs), so build the stale dir for the real final path too
+    stale2 = out.final.parent / f".tmp-{out.final.name}-{socket.gethostname()}-999999999"
+    stale2.mkdir()
+    with store.stage_output("s", "n", {"a": 1}, {}, force=True) as out2:
+        assert out2 is not None
+    assert not stale2.exists()
+    assert store.is_complete(out2.final)
