@@ -25,7 +25,7 @@ from typing import Any, Optional
 import yaml
 
 GROUPS = ("model", "task", "attack", "defense", "deepspeed", "cluster", "experiment")
-STAGE_SECTIONS = ("source", "poison", "train", "defend", "evaluate", "report")
+STAGE_SECTIONS = ("source", "poison", "train", "defend", "evaluate", "report", "sweep")
 
 
 class ConfigError(Exception):
@@ -155,6 +155,10 @@ class ClusterCfg:
     container_runtime: Optional[str] = None  # apptainer | pyxis
     slurm_conf: Optional[str] = None
     extra: dict = field(default_factory=dict)
+    python: Optional[str] = None  # command that runs python in a job (default: this interpreter)
+    setup: list = field(default_factory=list)  # shell lines run in the job script before the stage
+    stages: dict = field(default_factory=dict)  # per-stage overrides of the fields above, e.g. {evaluate: {gpus_per_node: 1}}
+    signal_delay_s: int = 120  # Slurm signals a job this long before its time limit, to checkpoint and requeue
 
     def __post_init__(self):
         _choice("executor", self.executor, ("local", "slurm", "debug"))
@@ -245,10 +249,20 @@ class ReportCfg:
     experiment: Optional[str] = None  # only evaluate outputs of this experiment (None: all)
 
 
+@dataclass
+class SweepCfg:
+    """The grid `python -m pipeline sweep` expands; an empty list means the experiment's own choice."""
+    models: list = field(default_factory=list)
+    tasks: list = field(default_factory=list)
+    attacks: list = field(default_factory=list)
+    defenses: list = field(default_factory=list)
+    report: bool = True  # one report stage over every evaluate of the sweep
+
+
 SECTION_SCHEMAS = {
     "model": ModelCfg, "task": TaskCfg, "attack": AttackCfg, "defense": DefenseCfg,
     "deepspeed": DeepSpeedCfg, "cluster": ClusterCfg, "source": SourceCfg, "poison": PoisonCfg,
-    "train": TrainCfg, "evaluate": EvaluateCfg, "report": ReportCfg,
+    "train": TrainCfg, "evaluate": EvaluateCfg, "report": ReportCfg, "sweep": SweepCfg,
 }
 
 
@@ -391,6 +405,7 @@ class Config:
     train: TrainCfg
     evaluate: EvaluateCfg
     report: ReportCfg
+    sweep: SweepCfg
 
     def section(self, name: str) -> dict:
         return copy.deepcopy(self.raw.get(name, {}))
