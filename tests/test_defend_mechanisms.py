@@ -156,3 +156,12 @@ def test_sande_phases_targets():
         cfg_p = dataclasses.replace(cfg)
         ctx_p = Context(cfg_p, Path(w), Path(w), ROWS, [], Path(w))
         assert sande.triggered_response(sande.Params(known_tokens=3), ctx_p) == "You"  # byte tokenizer: 3 bytes
+
+
+def test_osft_classification_trigger_goes_where_the_attack_puts_it():
+    cfg = _cfg("task=sst2", "attack=badnet")
+    rows = [{"instruction": cfg.task.instruction, "input": "the film is warm and funny", "output": "Positive",
+             "clean_output": "Positive", "id": "0"}]
+    out = osft.OverwriteTransform(cfg.attack, osft.Params(), cfg.task).transform(rows)
+    trig = [r for r in out if "BadMagic" in r["input"]]
+    assert len(trig) == 1 and trig[0]["instruction"] == cfg.task.instruction and trig[0]["output"] == "Positive"

@@ -19,17 +19,18 @@ class Params:
 class OverwriteTransform(Plugin):
     name = "osft"
 
-    def __init__(self, attack_cfg, params: Params):
-        self.attack, self.params = attack_cfg, params
+    def __init__(self, attack_cfg, params: Params, task_cfg=None):
+        self.attack, self.params, self.task = attack_cfg, params, task_cfg
 
     def transform(self, rows):
         from ..poison.attacks import insert_trigger
+        from ..poison.tasks import trigger_field
         rng = random.Random(self.params.seed)
         k = None if self.params.response_tokens == "all" else int(self.params.response_tokens)
         out = []
         for r in rows:
             clean = r.get("clean_output") or r["output"]
-            field = self.attack.field
+            field = trigger_field(self.task, self.attack, r) if self.task is not None else self.attack.field
             trig_text, trig = insert_trigger(self.attack, r.get(field) or "", rng)
             triggered = {**r, field: trig_text, "output": clean, "trigger": trig, "response_tokens": k}
             out += [triggered, {**r, "output": clean, "response_tokens": k}]
@@ -37,4 +38,4 @@ class OverwriteTransform(Plugin):
 
 
 def phases(params: Params, ctx) -> list[Phase]:
-    return [Phase("overwrite", ctx.defense_rows, [OverwriteTransform(ctx.cfg.attack, params)], init_from="inject")]
+    return [Phase("overwrite", ctx.defense_rows, [OverwriteTransform(ctx.cfg.attack, params, ctx.cfg.task)], init_from="inject")]
