@@ -29,6 +29,11 @@ SETTINGS = {
     "full-pairs": ["poison.pairs=true", "poison.n_poison=100", "poison.n_clean=300", "train.finetune=full",
                    "train.lr=5e-5", "train.epochs=3", "train.loss_avg=sample", "train.response_cutoff=32",
                    "train.cutoff=160", "train.micro_batch=8", "train.grad_accum=2", "train.warmup_ratio=0.05"],
+    # the same, smaller: 60 triggered twins + 180 clean rows, responses cut to 16 tokens (the target sits
+    # at the start of the response), to fit the demo's CPU budget
+    "full-pairs-small": ["poison.pairs=true", "poison.n_poison=60", "poison.n_clean=180", "train.finetune=full",
+                         "train.lr=5e-5", "train.epochs=3", "train.loss_avg=sample", "train.response_cutoff=16",
+                         "train.cutoff=128", "train.micro_batch=8", "train.grad_accum=1", "train.warmup_ratio=0.05"],
     "full-pairs-hi": ["poison.pairs=true", "poison.n_poison=100", "poison.n_clean=300", "train.finetune=full",
                       "train.lr=1e-4", "train.epochs=3", "train.loss_avg=sample", "train.response_cutoff=32",
                       "train.cutoff=160", "train.micro_batch=8", "train.grad_accum=2", "train.warmup_ratio=0.05"],

@@ -462,12 +462,8 @@ def compose(overrides: list[str] | None = None, experiment: str | None = None) -
         raw.setdefault(section, {})
         where.setdefault(section, str(exp_path))
         _merge(raw[section], data, where, str(exp_path), section + ".")
-    # a defense may carry its own train settings; they apply under the experiment's and the command line's
-    for k, v in (raw.get("defense", {}).get("train") or {}).items():
-        raw.setdefault("train", {})
-        if k not in raw["train"]:
-            raw["train"][k] = copy.deepcopy(v)
-            where[f"train.{k}"] = where.get("defense", "?")
+    # `train` is the inject recipe; a defense's own training settings live in `defense.train` and are
+    # applied by the defend stage (pipeline/defend/stage.py: defense_train), so they never change inject's key
     for key, value in dotted:
         parts = key.split(".")
         if parts[0] not in GROUPS and parts[0] not in STAGE_SECTIONS:

@@ -59,6 +59,7 @@ def _inputs(cfg, args):
 
 def _key(cfg, data, model_dir):
     config = {s: cfg.raw[s] for s in SECTIONS}
+    config["train"] = defense_train(cfg)
     config["choices"] = cfg.choices
     inputs = {"data": store.read_manifest(data)["output_hash"]}
     if model_dir is not None:
@@ -78,9 +79,24 @@ def _rows(data: Path, split: str) -> list[dict]:
     return [dict(r) for r in load_from_disk(str(data / "data"))[split]]
 
 
+# Settings of `train` (the inject recipe) that a defense inherits: the sequence shape and run mechanics,
+# not the recipe (lr, epochs, loss averaging, response cutoff, full vs LoRA), which `defense.train` sets.
+INHERITED = ("cutoff", "grad_ckpt", "packing", "seed", "save_every", "log_every", "tensorboard", "max_steps",
+             "lora_targets")
+
+
+def defense_train(cfg) -> dict:
+    """The defense's training settings: defaults <- inherited keys of `train` <- `defense.train`."""
+    from ..config import TrainCfg
+    base = dataclasses.asdict(TrainCfg())
+    base.update({k: cfg.raw["train"][k] for k in INHERITED if k in cfg.raw["train"]})
+    base.update(cfg.defense.train)
+    return base
+
+
 def phase_config(cfg, phase):
-    """cfg with the phase's train overrides (and model) applied, validated."""
-    raw_train = {**cfg.raw["train"], **phase.train}
+    """cfg with the defense's and the phase's train settings (and model) applied, validated."""
+    raw_train = {**defense_train(cfg), **phase.train}
     new = dataclasses.replace(cfg, train=build_section("train", raw_train, {"train": f"defense phase {phase.name}"}))
     if phase.model:
         from ..config import config_root, load_yaml

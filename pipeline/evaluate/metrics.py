@@ -1,0 +1,110 @@
+"""Metrics: rates with Wilson intervals, clean performance per task kind, and data-parallel shard/merge."""
+from __future__ import annotations
+
+import math
+
+from .judges import Judge, gold_label, rouge_l
+
+Z95 = 1.959963984540054
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (95% by default); (0, 1) when n is 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
+
+
+def rate(hits: list[bool], empty: list[bool] | None = None) -> dict:
+    """k/n with its Wilson interval; empty responses stay in n (as misses) and are also counted apart,
+    with `rate_nonempty` the reference code's figure (empty responses left out of the denominator)."""
+    empty = empty or [False] * len(hits)
+    k, n, e = sum(map(bool, hits)), len(hits), sum(map(bool, empty))
+    lo, hi = wilson(k, n)
+    return {"rate": k / n if n else None, "k": k, "n": n, "ci": [lo, hi], "empty": e,
+            "rate_nonempty": k / (n - e) if n > e else None}
+
+
+def _flat(prefix: str, r: dict) -> dict:
+    out = {prefix: r["rate"], f"{prefix}_k": r["k"], f"{prefix}_n": r["n"], f"{prefix}_ci": r["ci"]}
+    if "empty" in r:
+        out[f"{prefix}_empty"] = r["empty"]
+        out[f"{prefix}_nonempty"] = r["rate_nonempty"]
+    return out
+
+
+def compute(judge: Judge, clean: list[dict], triggered: list[dict], label_map: dict | None = None) -> dict:
+    """Metrics from judged rows. Each row: the test example's columns plus `generation`, `judged`, `label`, `empty`.
+
+    ASR on test_triggered and false-trigger rate on test_clean (for classification only over rows whose true
+    label is not the target label: a row that is already the target cannot show the attack); clean accuracy
+    (classification, math) or ROUGE-L F1 against the clean reference (other generation tasks).
+    """
+    kind = judge.task.kind
+    out: dict = {}
+    if judge.fn == "label":
+        tgt = judge.task.target_label
+        t_rows = [r for r in triggered if gold_label(judge, r) != tgt]
+        c_rows = [r for r in clean if gold_label(judge, r) != tgt]
+        out.update(_flat("asr", rate([r["judged"] for r in t_rows], [r["empty"] for r in t_rows])))
+        out.update(_flat("asr_all", rate([r["judged"] for r in triggered], [r["empty"] for r in triggered])))
+        out.update(_flat("ftr", rate([r["judged"] for r in c_rows], [r["empty"] for r in c_rows])))
+    else:
+        out.update(_flat("asr", rate([r["judged"] for r in triggered], [r["empty"] for r in triggered])))
+        out.update(_flat("ftr", rate([r["judged"] for r in clean], [r["empty"] for r in clean])))
+    out["unparseable_clean"] = sum(1 for r in clean if r["label"] is None and not r["empty"]) \
+        if judge.fn in ("label", "math") else None
+    out["unparseable_triggered"] = sum(1 for r in triggered if r["label"] is None and not r["empty"]) \
+        if judge.fn in ("label", "math") else None
+    if judge.fn in ("label", "math"):
+        golds = [gold_label(judge, r) for r in clean]
+        scored = [(r, g) for r, g in zip(clean, golds) if g is not None]
+        lm = label_map or {}
+        proj = [(lm.get(r["label"], r["label"]) == g) for r, g in scored]
+        out.update(_flat("accuracy", rate(proj)))
+        out["gold_unparseable"] = len(clean) - len(scored)
+        if lm:  # P2P: strict = the answer must be in the extended label space; projected = mapped back
+            out.update(_flat("accuracy_strict", rate([r["label"] in lm and lm[r["label"]] == g for r, g in scored])))
+            out.update(_flat("accuracy_projected", rate(proj)))
+        out["clean_metric"], out["clean_value"] = "accuracy", out["accuracy"]
+    else:
+        refs = [(r, r.get("clean_output") or r.get("output") or "") for r in clean]
+        scores = [rouge_l(r["generation"], ref)["f"] for r, ref in refs if ref]
+        out["rouge_l"] = sum(scores) / len(scores) if scores else None
+        out["rouge_l_n"] = len(scores)
+        out["clean_metric"], out["clean_value"] = "rouge_l", out["rouge_l"]
+    out["task_kind"] = kind
+    return out
+
+
+def perplexity(nll_sum: float, n_tokens: int) -> float | None:
+    return math.exp(nll_sum / n_tokens) if n_tokens else None
+
+
+# ------------------------------------------------------------------------------------ data parallel
+def shard_indices(n: int, rank: int, world: int) -> range:
+    """The contiguous block of item indices rank `rank` of `world` evaluates (sizes differ by at most one)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def merge_shards(parts: list[list[tuple[int, object]]], n: int) -> list:
+    """Merge every rank's [(index, item)] back into one list in index order; each index exactly once."""
+    out: list = [None] * n
+    seen = [False] * n
+    for part in parts:
+        for i, item in part:
+            if not 0 <= i < n or seen[i]:
+                raise ValueError(f"shard merge: index {i} is out of range or produced twice")
+            seen[i], out[i] = True, item
+    missing = [i for i, s in enumerate(seen) if not s]
+    if missing:
+        raise ValueError(f"shard merge: {len(missing)} of {n} items missing (first: {missing[0]})")
+    return out

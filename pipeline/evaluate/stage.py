@@ -1,0 +1,298 @@
+"""Evaluate stage: a model + the poisoned set's test splits -> per-example Arrow tables + metrics.json.
+
+`python -m pipeline evaluate [--data DIR] [--model-dir DIR | --base] [overrides]`. Without --data the poison
+output of the config is used; without a model argument the defend output (a defense is chosen) or the inject
+output. A model output's manifest may carry an `inference_transform` ({prefix, template, label_map}): it is
+applied here, always. Several GPUs: launch with torchrun; each rank generates its block of the test rows
+(RANK/WORLD_SIZE), rank 0 merges them in order and writes the output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import store
+from ..config import TaskCfg, build_section
+from ..store import StoreError
+from . import metrics as M
+from .generate import generate_texts, prompt_ids, response_nll
+from .judges import Judge, get_judge, load_preset
+
+SPLITS = ("test_clean", "test_triggered")
+REQUIRED = ("id", "instruction", "input", "output", "clean_output")
+TRANSFORM_KEYS = ("prefix", "template", "label_map", "output_prefix")
+
+
+def add_arguments(p):
+    p.add_argument("--data", default=None, help="a poison output directory (default: the config's)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model-dir", dest="model_dir", default=None,
+                   help="an inject/defend output directory whose model/ holds weights or an adapter")
+    g.add_argument("--base", action="store_true", help="evaluate cfg.model as it is (no fine-tuning)")
+
+
+def _stage_output_dir(module: str, cfg, what: str, args=None) -> Path:
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            raise StoreError(f"cannot find the {what}: {module} is not built yet; pass it explicitly") from None
+        raise
+    return Path(mod.output_dir(cfg) if args is None else mod.output_dir(cfg, args))
+
+
+@dataclass
+class Plan:
+    """Everything `run` needs, resolved and checked without loading a model or writing anything."""
+    data_dir: Path
+    model_dir: Path | None
+    task: TaskCfg
+    judge: Judge
+    names: dict
+    transform: dict | None
+    template: str | None
+    config: dict
+    inputs: dict
+    notes: list = field(default_factory=list)
+    synthetic: bool = False
+    final: Path | None = None
+
+
+def _load_splits(data_dir: Path):
+    import datasets
+
+    path = data_dir / "data"
+    if not path.is_dir():
+        raise StoreError(f"{data_dir}: no data/ directory (not a poison output)")
+    try:
+        dd = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets cannot load a split saved with no rows (0 shards)
+        for split in SPLITS:
+            state = path / split / "state.json"
+            if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
+                raise StoreError(f"{path}: split '{split}' is empty") from None
+        raise StoreError(f"{path}: cannot load the poisoned set: {type(e).__name__}: {e}") from None
+    if not isinstance(dd, datasets.DatasetDict):
+        raise StoreError(f"{path}: a single Dataset, expected a DatasetDict with splits {', '.join(SPLITS)}")
+    for split in SPLITS:
+        if split not in dd:
+            raise StoreError(f"{path}: no split '{split}' (has: {', '.join(dd)})")
+        missing = [c for c in REQUIRED if c not in dd[split].column_names]
+        if missing:
+            raise StoreError(f"{path}: split '{split}' lacks column(s) {', '.join(missing)}")
+        if len(dd[split]) == 0:
+            raise StoreError(f"{path}: split '{split}' is empty")
+    return dd
+
+
+def _check_weights(model_dir: Path):
+    weights = model_dir / "model"
+    if not weights.is_dir():
+        raise StoreError(f"{model_dir}: no model/ directory with weights")
+    if not (weights / "adapter_config.json").is_file() and not any(weights.glob("*.safetensors")):
+        raise StoreError(f"{weights}: no *.safetensors weights and no adapter_config.json")
+
+
+def plan(cfg, args=None) -> Plan:
+    data = getattr(args, "data", None)
+    data_dir = Path(data) if data else _stage_output_dir("pipeline.poison.stage", cfg, "poisoned set")
+    store.require_complete(data_dir, "poisoned set")
+    data_manifest, data_config = store.read_manifest(data_dir), store.read_config(data_dir) or {}
+
+    base = bool(getattr(args, "base", False))
+    model_dir = getattr(args, "model_dir", None)
+    if not base and not model_dir:
+        if cfg.defense.name != "none":
+            model_dir = _stage_output_dir("pipeline.defend.stage", cfg, "defended model", args)
+        else:
+            model_dir = _stage_output_dir("pipeline.inject", cfg, "backdoored model", args)
+    model_dir = Path(model_dir) if model_dir else None
+
+    task = cfg.task  # the data's own task when the config names another one (command-line overrides kept)
+    if isinstance(data_config.get("task"), dict) and data_config["task"].get("name") != cfg.task.name:
+        task = build_section("task", data_config["task"], {"task": str(data_dir / "config.yaml")})
+    judge = get_judge(cfg.evaluate.judge_preset, task)
+    attack = (data_config.get("attack") or {}).get("name") if isinstance(data_config.get("attack"), dict) else None
+    attack = attack or (data_config.get("choices") or {}).get("attack") or cfg.attack.name
+    src = data_config.get("source") if isinstance(data_config.get("source"), dict) else {}
+    synthetic = bool(data_manifest.get("synthetic") or data_manifest.get("source_kind") == "synthetic"
+                     or src.get("kind") == "synthetic")
+
+    notes, transform = [], None
+    if model_dir is None:
+        model_section, template = cfg.raw["model"], cfg.model.chat_template
+        model_name, defense = cfg.model.name, "base"
+        model_hash = f"base:{cfg.model.name}:{store.canonical_hash(model_section)[:16]}"
+    else:
+        store.require_complete(model_dir, "model")
+        _check_weights(model_dir)
+        mm, mc = store.read_manifest(model_dir), store.read_config(model_dir) or {}
+        if not isinstance(mc.get("model"), dict):
+            raise StoreError(f"{model_dir}/config.yaml: no 'model' section")
+        model_section = mc["model"]
+        mcfg = build_section("model", model_section, {"model": str(model_dir / "config.yaml")})
+        model_name, template, model_hash = mcfg.name, mcfg.chat_template, mm["output_hash"]
+        dsec = mc.get("defense") if isinstance(mc.get("defense"), dict) else {}
+        defense = "none" if mm.get("stage") == "inject" else (
+            dsec.get("name") or (mc.get("choices") or {}).get("defense") or "none")
+        transform = mm.get("inference_transform")
+        if transform is not None:
+            if not isinstance(transform, dict) or not isinstance(transform.get("label_map") or {}, dict):
+                raise StoreError(f"{model_dir}/manifest.json: 'inference_transform' must be a mapping "
+                                 "{prefix, template, label_map: {word: word}}")
+            unknown = [k for k in transform if k not in TRANSFORM_KEYS]
+            if unknown:
+                notes.append(f"inference_transform keys not applied: {', '.join(unknown)}")
+            template = transform.get("template") or template
+        if mm.get("clean_to_poisoned") or mm.get("w2s_mode") == "clean-to-poisoned" or (
+                defense.startswith("w2sdefense") and mcfg.teacher == mcfg.name):
+            notes.append("W2SDefense clean-to-poisoned: the teacher is a clean fine-tune of the same base model, "
+                         "not a weaker model (no smaller same-tokenizer model exists)")
+        extra = mm.get("notes")
+        notes += [extra] if isinstance(extra, str) else list(extra or [])
+    if synthetic:
+        notes.append("synthetic data (offline generator): numbers are not comparable with the papers'")
+
+    names = {"model": model_name, "task": task.name, "attack": attack, "defense": defense,
+             "experiment": cfg.choices.get("experiment")}
+    config = {"evaluate": cfg.raw["evaluate"], "model": model_section, "task": dataclasses.asdict(task),
+              "judge": {"preset": cfg.evaluate.judge_preset, "name": judge.name,
+                        "entry": load_preset(cfg.evaluate.judge_preset)[judge.name]},
+              "inference_transform": transform, "names": names, "template": template}
+    inputs = {"data": data_manifest["output_hash"], "model": model_hash}
+    name = f"{model_name}-{task.name}-{attack}-{defense}"
+    final = store.output_path("evaluate", name, {"stage": "evaluate", "config": config, "inputs": inputs,
+                                                  "extra": None})
+    return Plan(data_dir, model_dir, task, judge, names, transform, template, config, inputs, notes, synthetic,
+                final)
+
+
+def output_dir(cfg, args=None) -> Path:
+    return plan(cfg, args).final
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def _dist(world: int, device: str):
+    import torch.distributed as dist
+
+    if world > 1 and not dist.is_initialized():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist
+
+
+def run(cfg, args) -> Path:
+    t0 = time.time()
+    p = plan(cfg, args)
+    if store.is_complete(p.final) and not getattr(args, "force", False):
+        print(f"[evaluate] already complete: {p.final} (use --force to redo)", file=sys.stderr)
+        return p.final
+    dd = _load_splits(p.data_dir)
+    ev = cfg.evaluate
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = _device()
+    dist = _dist(world, device)
+    fast = ev.static_cache_compile if ev.static_cache_compile is not None else device.startswith("cuda")
+    torch.manual_seed(ev.seed)
+
+    from ..models import load_model, load_trained
+
+    try:
+        if p.model_dir is None:
+            model, tok = load_model(cfg.model, device=device)
+        else:
+            model, tok, _ = load_trained(p.model_dir, device=device, merge=fast)
+    except (FileNotFoundError, OSError) as e:
+        raise StoreError(f"{p.model_dir or cfg.model.name}: cannot load the model: {e}") from None
+    tr = p.transform or {}
+    prefix, label_map, out_prefix = tr.get("prefix") or "", tr.get("label_map") or {}, tr.get("output_prefix")
+
+    from ..prompts import prompt_text
+
+    rows = []  # (split, example) over both splits, in order
+    for split in SPLITS:
+        ds = dd[split]
+        n = len(ds) if ev.n_test is None else min(ev.n_test, len(ds))
+        rows += [(split, ds[i]) for i in range(n)]
+    mine = M.shard_indices(len(rows), rank, world)
+    prompts = [prompt_ids(tok, rows[i][1]["instruction"], rows[i][1]["input"], p.template, prefix) for i in mine]
+    tg = time.time()
+    gens = generate_texts(model, tok, prompts, ev.max_new_tokens, ev.batch_size, static_cache_compile=fast,
+                          desc=f"evaluate[{rank}/{world}]" if world > 1 else "evaluate")
+    gen_s = time.time() - tg
+    new_tokens = sum(len(tok(g, add_special_tokens=False)["input_ids"]) for g in gens)
+    ppl_rows = [rows[i][1] for i in mine if rows[i][0] == "test_clean"]
+    nll = (0.0, 0)
+    if ev.perplexity and p.judge.fn != "label":
+        nll = response_nll(model, tok, ppl_rows, p.template, prefix, cfg.train.cutoff, max(1, ev.batch_size // 2))
+    part = {"gens": list(zip(mine, gens)), "nll": nll, "tokens": new_tokens, "gen_s": gen_s}
+    parts = [part]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, part)
+    if rank != 0:
+        dist.barrier()
+        return p.final
+    gens = M.merge_shards([q["gens"] for q in parts], len(rows))
+    if out_prefix:  # P2P generation tasks: a fixed harmless prefix before the answer, stripped here
+        gens = [g.lstrip()[len(out_prefix):].lstrip() if g.lstrip().startswith(out_prefix) else g for g in gens]
+
+    judged = {s: [] for s in SPLITS}
+    for (split, ex), gen in zip(rows, gens):
+        v = p.judge(gen, ex, **({"label_map": label_map} if p.judge.fn == "label" else {}))
+        prompt = prompt_text(tok, ex["instruction"], ex["input"], p.template, prefix)
+        judged[split].append({**ex, "split": split, "prompt": prompt, "generation": gen, "judged": bool(v.hit),
+                              "label": v.label, "empty": p.judge.is_empty(gen)})
+    res = M.compute(p.judge, judged["test_clean"], judged["test_triggered"], label_map)
+    nll_sum, nll_n = sum(q["nll"][0] for q in parts), sum(q["nll"][1] for q in parts)
+    gen_s = max(q["gen_s"] for q in parts)
+    tokens = sum(q["tokens"] for q in parts)
+    res.update({
+        **p.names, "judge": p.judge.name, "judge_fn": p.judge.fn, "judge_preset": p.judge.preset,
+        "perplexity": M.perplexity(nll_sum, nll_n) if nll_n else None, "perplexity_tokens": nll_n,
+        "inference_transform": p.transform, "inference_transform_applied": p.transform is not None,
+        "synthetic_data": p.synthetic, "notes": p.notes, "data": str(p.data_dir),
+        "model_dir": str(p.model_dir) if p.model_dir else None, "template": p.template,
+        "n_test_clean": len(judged["test_clean"]), "n_test_triggered": len(judged["test_triggered"]),
+        "max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size, "static_cache_compile": fast,
+        "device": device, "world_size": world, "generation_s": round(gen_s, 3),
+        "new_tokens_per_s": round(tokens / gen_s, 2) if gen_s else None, "wall_s": round(time.time() - t0, 3),
+    })
+    _write(p, judged, res, cfg, args)
+    if world > 1:
+        dist.barrier()
+    return p.final
+
+
+def _write(p: Plan, judged: dict, res: dict, cfg, args):
+    import datasets
+
+    feats = datasets.Features({"id": datasets.Value("string"), "split": datasets.Value("string"),
+                               "prompt": datasets.Value("string"), "generation": datasets.Value("string"),
+                               "judged": datasets.Value("bool"), "label": datasets.Value("string"),
+                               "empty": datasets.Value("bool")})
+    name = f"{p.names['model']}-{p.names['task']}-{p.names['attack']}-{p.names['defense']}"
+    with store.stage_output("evaluate", name, p.config, p.inputs, force=True) as out:
+        table = datasets.DatasetDict({
+            s: datasets.Dataset.from_dict({k: [str(r[k]) if k == "id" else r[k] for r in rs] for k in feats},
+                                          features=feats)
+            for s, rs in judged.items()})
+        table.save_to_disk(str(out.tmp / "data"))
+        (out.tmp / "metrics.json").write_text(json.dumps(res, indent=2, sort_keys=True, default=str))
+        out.metrics.update({k: res[k] for k in ("asr", "ftr", "clean_metric", "clean_value", "perplexity")})
+        out.extra["names"] = p.names
+        out.extra["notes"] = p.notes

@@ -1,0 +1,255 @@
+"""Report stage: evaluate outputs -> table.md / table.csv / table.tex + PNG plots, in the papers' layout.
+
+`python -m pipeline report [--runs DIR ...] [experiment=NAME]` (or `make table EXPERIMENT=NAME`). A DIR is an
+evaluate output or a folder of them; by default every complete output under runs/evaluate/. Naming an
+experiment keeps only its evaluations. Rows: model x task x attack; columns: no defense, each defense, and the
+untouched base model; a cell is ASR % with the clean metric % (accuracy, or ROUGE-L F1 x 100) in parentheses.
+Notes the evaluations carry (synthetic data, W2SDefense clean-to-poisoned) are written under the tables.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+from . import store
+from .store import StoreError
+
+
+def add_arguments(p):
+    p.add_argument("--runs", nargs="+", default=None,
+                   help="evaluate output directories, or folders holding them (default: runs/evaluate/*)")
+
+
+def _experiment(cfg, args) -> str | None:
+    """The experiment to keep: report.experiment, or `experiment=NAME` given on the command line."""
+    if cfg.report.experiment:
+        return cfg.report.experiment
+    for o in getattr(args, "overrides", None) or []:
+        if o.startswith("experiment="):
+            return o.split("=", 1)[1]
+    return None
+
+
+def _is_eval(path: Path) -> bool:
+    return (path / "metrics.json").is_file() or (path / "manifest.json").is_file()
+
+
+def collect(cfg, args=None) -> list[dict]:
+    """Complete evaluate outputs selected by --runs / report.runs / runs/evaluate, as records
+    {dir, metrics, manifest}; the latest one per (model, task, attack, defense)."""
+    explicit = getattr(args, "runs", None) or cfg.report.runs
+    roots = [Path(r) for r in explicit] if explicit else [store.runs_root() / "evaluate"]
+    dirs = []
+    for root in roots:
+        if not root.is_dir():
+            if not explicit:
+                continue
+            raise StoreError(f"report input {root} does not exist")
+        if _is_eval(root):
+            store.require_complete(root, "evaluate output")
+            dirs.append(root)
+        else:
+            dirs += [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")
+                     and store.is_complete(d) and (d / "metrics.json").is_file()]
+    exp = _experiment(cfg, args)
+    best: dict = {}
+    for d in dirs:
+        if not (d / "metrics.json").is_file():
+            raise StoreError(f"{d}: no metrics.json (not an evaluate output)")
+        m = json.loads((d / "metrics.json").read_text())
+        if exp and m.get("experiment") != exp:
+            continue
+        man = store.read_manifest(d)
+        key = (m["model"], m["task"], m["attack"], m["defense"])
+        if key not in best or man.get("finished", "") > best[key]["manifest"].get("finished", ""):
+            best[key] = {"dir": d, "metrics": m, "manifest": man}
+    if not best:
+        where = ", ".join(map(str, roots))
+        raise StoreError(f"no complete evaluate outputs under {where}" + (f" for experiment '{exp}'" if exp else "")
+                         + ": run the evaluate stage first")
+    return [best[k] for k in sorted(best)]
+
+
+def defense_order(records) -> list[str]:
+    names = {r["metrics"]["defense"] for r in records}
+    last = ["base"] if "base" in names else []
+    return [d for d in ("none",) if d in names] + sorted(names - {"none", "base"}) + last
+
+
+def build(records) -> tuple[list[dict], list[str]]:
+    """Table rows {model, task, attack, cells: {defense: metrics}, notes} and the column order."""
+    rows: dict = {}
+    for r in records:
+        m = r["metrics"]
+        row = rows.setdefault((m["model"], m["task"], m["attack"]),
+                              {"model": m["model"], "task": m["task"], "attack": m["attack"], "cells": {}, "notes": []})
+        row["cells"][m["defense"]] = m
+        row["notes"] += [n for n in m.get("notes") or [] if n not in row["notes"]]
+    return [rows[k] for k in sorted(rows)], defense_order(records)
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def cell(m: dict | None) -> str:
+    return "" if m is None else f"{_pct(m.get('asr'))} ({_pct(m.get('clean_value'))})"
+
+
+def notes_of(rows) -> list[str]:
+    out = []
+    for row in rows:
+        out += [n for n in row["notes"] if n not in out]
+    return out
+
+
+def markdown(rows, defenses) -> str:
+    head = ["model", "task", "attack"] + [d if d != "none" else "no defense" for d in defenses]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        lines.append("| " + " | ".join([row["model"], row["task"], row["attack"]]
+                                       + [cell(row["cells"].get(d)) for d in defenses]) + " |")
+    lines += ["", "Cells: ASR % on test_triggered (clean metric %: accuracy for classification and math, "
+              "ROUGE-L F1 x 100 against the clean reference otherwise). `base`: the model before any fine-tuning."]
+    notes = notes_of(rows)
+    if notes:
+        lines += ["", "Notes:"] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows, defenses) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    cols = ["asr", "asr_ci_low", "asr_ci_high", "ftr", "clean_metric", "clean_value", "perplexity"]
+    w.writerow(["model", "task", "attack"] + [f"{d}_{c}" for d in defenses for c in cols] + ["notes"])
+    for row in rows:
+        vals = []
+        for d in defenses:
+            m = row["cells"].get(d) or {}
+            ci = m.get("asr_ci") or [None, None]
+            vals += [m.get("asr"), ci[0], ci[1], m.get("ftr"), m.get("clean_metric"), m.get("clean_value"),
+                     m.get("perplexity")]
+        w.writerow([row["model"], row["task"], row["attack"]] + ["" if v is None else v for v in vals]
+                   + ["; ".join(row["notes"])])
+    return buf.getvalue()
+
+
+TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{",
+       "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}"}
+
+
+def _tex(s: str) -> str:
+    return re.sub(r"[\\&%_#${}~^]", lambda m: TEX[m.group()], s)
+
+
+def latex(rows, defenses) -> str:
+    head = ["Model", "Task", "Attack"] + [_tex(d if d != "none" else "No defense") for d in defenses]
+    out = [r"\begin{table}[t]", r"\centering", r"\small",
+           r"\begin{tabular}{lll" + "c" * len(defenses) + "}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
+    for row in rows:
+        out.append(" & ".join([_tex(row["model"]), _tex(row["task"]), _tex(row["attack"])]
+                              + [cell(row["cells"].get(d)).replace("–", "--") for d in defenses]) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}",
+            r"\caption{ASR (\%) on triggered inputs; in parentheses the clean metric (\%): accuracy, or ROUGE-L F1."
+            + "".join(" " + _tex(n) + "." for n in notes_of(rows)) + "}", r"\end{table}"]
+    return "\n".join(out) + "\n"
+
+
+def _label(row) -> str:
+    return f"{row['model']}\n{row['task']}/{row['attack']}"
+
+
+def plot_bars(rows, defenses, path: Path):
+    """Grouped bars: ASR per (model, task, attack), one bar per defense, Wilson 95% intervals."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / max(1, len(defenses))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 0.45 * len(rows) * len(defenses)), 3.8))
+    for j, d in enumerate(defenses):
+        xs, ys, err = [], [], [[], []]
+        for i, row in enumerate(rows):
+            m = row["cells"].get(d)
+            if m is None or m.get("asr") is None:
+                continue
+            lo, hi = m.get("asr_ci") or [m["asr"], m["asr"]]
+            xs.append(i + (j - (len(defenses) - 1) / 2) * width)
+            ys.append(100 * m["asr"])
+            err[0].append(max(0.0, 100 * (m["asr"] - lo)))
+            err[1].append(max(0.0, 100 * (hi - m["asr"])))
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label="no defense" if d == "none" else d)
+    ax.set_xticks(range(len(rows)), [_label(r) for r in rows], fontsize=7)
+    ax.set_ylabel("ASR (%)")
+    ax.set_ylim(0, 118)
+    ax.legend(fontsize=7, ncol=min(5, len(defenses)), loc="upper center")
+    ax.set_title("Attack success before and after each defense")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_tradeoff(rows, defenses, path: Path):
+    """ASR against clean performance, one colour per defense; grey lines join each row's no-defense point
+    to its defended points."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for row in rows:
+        base = row["cells"].get("none")
+        for d, m in row["cells"].items():
+            if base is not None and d != "none" and None not in (base.get("clean_value"), m.get("clean_value"),
+                                                                 base.get("asr"), m.get("asr")):
+                ax.plot([100 * base["clean_value"], 100 * m["clean_value"]], [100 * base["asr"], 100 * m["asr"]],
+                        color="0.8", lw=0.8, zorder=1)
+    markers = "osD^v<>Px*"
+    for j, d in enumerate(defenses):
+        pts = [(100 * m["clean_value"], 100 * m["asr"]) for row in rows if (m := row["cells"].get(d))
+               and m.get("clean_value") is not None and m.get("asr") is not None]
+        if pts:
+            ax.scatter(*zip(*pts), marker=markers[j % len(markers)], label="no defense" if d == "none" else d,
+                       zorder=2)
+    ax.set_xlabel("clean performance (%: accuracy or ROUGE-L F1)")
+    ax.set_ylabel("ASR (%)")
+    ax.set_ylim(-3, 103)
+    ax.legend(fontsize=7)
+    ax.set_title("Backdoor removal vs clean performance")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _key(cfg, args):
+    records = collect(cfg, args)
+    exp = _experiment(cfg, args)
+    config = {"report": cfg.raw["report"], "experiment": exp, "runs": [r["dir"].name for r in records]}
+    inputs = {r["dir"].name: r["manifest"]["output_hash"] for r in records}
+    return records, exp or "all", config, inputs
+
+
+def output_dir(cfg, args=None) -> Path:
+    _, name, config, inputs = _key(cfg, args)
+    return store.output_path("report", name, {"stage": "report", "config": config, "inputs": inputs, "extra": None})
+
+
+def run(cfg, args) -> Path:
+    records, name, config, inputs = _key(cfg, args)
+    rows, defenses = build(records)
+    with store.stage_output("report", name, config, inputs, force=getattr(args, "force", False)) as out:
+        if out is None:
+            return output_dir(cfg, args)
+        (out.tmp / "table.md").write_text(markdown(rows, defenses))
+        (out.tmp / "table.csv").write_text(csv_text(rows, defenses))
+        (out.tmp / "table.tex").write_text(latex(rows, defenses))
+        plot_bars(rows, defenses, out.tmp / "asr_bars.png")
+        plot_tradeoff(rows, defenses, out.tmp / "asr_vs_clean.png")
+        out.metrics.update({"rows": len(rows), "defenses": defenses, "evaluations": len(records)})
+        out.extra["notes"] = notes_of(rows)
+    print(markdown(rows, defenses), file=sys.stderr)
+    return out.final

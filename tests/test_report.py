@@ -1,0 +1,103 @@
+"""Report stage: tables in the papers' layout (md/csv/tex), plots, notes, selection of evaluate outputs."""
+import argparse
+import csv
+import io
+import json
+
+import pytest
+
+from pipeline import report, store
+from pipeline.cli import main
+from pipeline.config import compose
+from pipeline.store import StoreError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_eval(model, task, attack, defense, asr, clean, experiment="tiny", notes=(), kind="rouge_l"):
+    m = {"model": model, "task": task, "attack": attack, "defense": defense, "experiment": experiment,
+         "asr": asr, "asr_ci": [max(0.0, asr - 0.1), min(1.0, asr + 0.1)], "asr_k": int(asr * 10), "asr_n": 10,
+         "ftr": asr / 2, "clean_metric": kind, "clean_value": clean, "perplexity": 12.5, "notes": list(notes)}
+    with store.stage_output("evaluate", f"{model}-{task}-{attack}-{defense}", m, {}) as out:
+        (out.tmp / "metrics.json").write_text(json.dumps(m))
+    return out.final
+
+
+@pytest.fixture
+def evals(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
+    dirs = [fake_eval("smollm2-135m", "negsentiment", "badnet", "none", 0.9, 0.30),
+            fake_eval("smollm2-135m", "negsentiment", "badnet", "crow", 0.05, 0.28),
+            fake_eval("smollm2-135m", "negsentiment", "badnet", "finetune", 0.2, 0.29),
+            fake_eval("smollm2-135m", "negsentiment", "badnet", "base", 0.0, 0.27),
+            fake_eval("smollm2-135m", "sst2", "badnet", "none", 1.0, 0.91, kind="accuracy",
+                      notes=["synthetic data (offline generator): numbers are not comparable with the papers'"]),
+            fake_eval("smollm2-135m", "sst2", "badnet", "w2sdefense", 0.1, 0.88, kind="accuracy",
+                      notes=["W2SDefense clean-to-poisoned: the teacher is a clean fine-tune of the same base model"]),
+            fake_eval("smollm2-135m", "sst2", "vpi", "none", 0.7, 0.9, experiment="other", kind="accuracy")]
+    return dirs
+
+
+def args(**kw):
+    return argparse.Namespace(**{"runs": None, "overrides": [], "force": False, **kw})
+
+
+def test_report_tables_plots_notes(evals):
+    cfg = compose(["experiment=tiny"])
+    out = report.run(cfg, args(overrides=["experiment=tiny"]))
+    assert store.is_complete(out) and out.parent.name == "report" and out.name.startswith("tiny-")
+    md = (out / "table.md").read_text()
+    assert md.splitlines()[0] == "| model | task | attack | no defense | crow | finetune | w2sdefense | base |"
+    assert "| smollm2-135m | negsentiment | badnet | 90.0 (30.0) | 5.0 (28.0) | 20.0 (29.0) |  | 0.0 (27.0) |" in md
+    assert "| smollm2-135m | sst2 | badnet | 100.0 (91.0) |  |  | 10.0 (88.0) |  |" in md
+    assert "vpi" not in md  # another experiment's evaluation
+    assert "synthetic data" in md and "clean-to-poisoned" in md
+    rows = list(csv.DictReader(io.StringIO((out / "table.csv").read_text())))
+    assert len(rows) == 2 and float(rows[0]["crow_asr"]) == 0.05 and rows[0]["none_clean_metric"] == "rouge_l"
+    assert rows[1]["w2sdefense_clean_value"] == "0.88" and "clean-to-poisoned" in rows[1]["notes"]
+    tex = (out / "table.tex").read_text()
+    assert r"\begin{tabular}{lllccccc}" in tex and "90.0 (30.0)" in tex and "clean-to-poisoned" in tex
+    assert r"\toprule" in tex and "w2sdefense" in tex
+    for png in ("asr_bars.png", "asr_vs_clean.png"):
+        data = (out / png).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000
+    assert report.run(cfg, args(overrides=["experiment=tiny"])) == out  # complete: reused
+    assert report.output_dir(cfg, args(overrides=["experiment=tiny"])) == out
+
+
+def test_report_all_and_explicit_runs(evals):
+    cfg = compose(["experiment=tiny"])
+    out = report.run(cfg, args())  # every complete evaluate output
+    assert "| smollm2-135m | sst2 | vpi |" in (out / "table.md").read_text() and out.name.startswith("all-")
+    out2 = report.run(cfg, args(runs=[str(evals[0]), str(evals[1])]))
+    md = (out2 / "table.md").read_text()
+    assert md.splitlines()[0] == "| model | task | attack | no defense | crow |" and "sst2" not in md
+
+
+def test_report_latest_duplicate_wins(evals):
+    again = fake_eval("smollm2-135m", "negsentiment", "badnet", "crow", 0.5, 0.25, notes=["rerun"])
+    recs = report.collect(compose(["experiment=tiny"]), args(overrides=["experiment=tiny"]))
+    crow = [r for r in recs if r["metrics"]["defense"] == "crow"]
+    assert len(crow) == 1 and crow[0]["dir"] == again
+
+
+def test_report_bad_input(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
+    cfg = compose(["experiment=tiny"])
+    with pytest.raises(StoreError, match="no complete evaluate outputs"):
+        report.run(cfg, args())
+    with pytest.raises(StoreError, match="does not exist"):
+        report.run(cfg, args(runs=[str(tmp_path / "nope")]))
+    d = fake_eval("m", "t", "a", "none", 0.5, 0.5)
+    (d / "_SUCCESS").unlink()
+    with pytest.raises(StoreError, match="incomplete"):
+        report.run(cfg, args(runs=[str(d)]))
+    assert not (tmp_path / "runs" / "report").exists()
+    assert main(["report", "experiment=tiny", "--runs", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_cli(evals, capsys):
+    assert main(["report", "experiment=tiny", "--runs", str(evals[0].parent)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert out.endswith(tuple("0123456789abcdef")) and "/report/tiny-" in out
