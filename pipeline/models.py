@@ -185,9 +185,37 @@ def load_model(mcfg: ModelCfg, device: str = "cpu", path: str | None = None, dty
     return model, tok
 
 
+def quantization_config(entry: dict, device: str = "cpu"):
+    """A transformers BitsAndBytesConfig from a manifest's `load_in_4bit` entry."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ImportError("this model is stored for 4-bit loading: install bitsandbytes (pip install 'bitsandbytes>=0.45', "
+                          "or the [quantize] extra)") from e
+    from transformers import BitsAndBytesConfig
+    cd = entry.get("compute_dtype", "auto")
+    if cd == "auto":
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    else:
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cd]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=entry.get("quant_type", "nf4"),
+                              bnb_4bit_use_double_quant=bool(entry.get("double_quant", True)),
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def load_4bit(weights: str | Path, entry: dict, device: str = "cpu"):
+    """The model in `weights` (a safetensors directory) loaded with the 4-bit entry's quantisation."""
+    from transformers import AutoModelForCausalLM
+    q = quantization_config(entry, device)
+    return AutoModelForCausalLM.from_pretrained(str(weights), quantization_config=q, device_map=str(device),
+                                                dtype=q.bnb_4bit_compute_dtype, use_safetensors=True)
+
+
 def load_trained(output_dir: str | Path, device: str = "cpu", merge: bool = False):
     """(model, tokenizer, model config) from an inject/defend output: full weights, or base + adapter."""
     from .store import read_config
+
+    from .store import read_manifest
 
     output_dir = Path(output_dir)
     raw = read_config(output_dir)
@@ -195,6 +223,10 @@ def load_trained(output_dir: str | Path, device: str = "cpu", merge: bool = Fals
     weights = output_dir / "model"
     if not weights.is_dir():
         raise FileNotFoundError(f"{output_dir}: no model/ directory with weights")
+    q4 = read_manifest(output_dir).get("load_in_4bit")
+    if q4:  # a `quantize` defense: full weights meant to be loaded in 4-bit NF4
+        check_safe_dir(weights, mcfg.allow_pickle, mcfg.trust_remote_code)
+        return load_4bit(weights, q4, device), load_tokenizer(mcfg, path=str(weights)), mcfg
     if (weights / "adapter_config.json").is_file():
         from peft import PeftModel
 

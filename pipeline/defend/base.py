@@ -21,6 +21,8 @@ REGISTRY = {  # name -> module; `defense=<name>` picks configs/defense/<name>.ya
     "sande-p": "pipeline.defend.sande",
     "crow": "pipeline.defend.crow",
     "w2sdefense": "pipeline.defend.w2s",
+    "w2sdefense-insent": "pipeline.defend.w2s",  # the InSent loss weights (ablation)
+    "w2sdefense-syn": "pipeline.defend.w2s",  # the SynAttack loss weights (ablation)
     "p2p": "pipeline.defend.p2p",
     "prune": "pipeline.defend.prune",
     "quantize": "pipeline.defend.quantize",

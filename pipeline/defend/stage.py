@@ -168,7 +168,9 @@ def run(cfg, args) -> Path:
         with tempfile.TemporaryDirectory(dir=out.tmp.parent, prefix=".work-") as work:
             ctx = Context(cfg, data, model_dir, defense_rows, train_rows, Path(work))
             if hasattr(mod, "apply"):
-                res = {"result": mod.apply(params, ctx, out.tmp), "manifest": {}}
+                result = mod.apply(params, ctx, out.tmp)
+                # loading instructions (a 4-bit entry) belong at the top of the manifest, where load_trained looks
+                res = {"result": result, "manifest": {k: result[k] for k in ("load_in_4bit",) if k in result}}
             else:
                 res = run_phases(cfg, mod, params, ctx, out.tmp, checkpoint_dir_for(out.final))
         out.metrics.update(copy.deepcopy(res.get("phases", res.get("result", {}))))
