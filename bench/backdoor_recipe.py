@@ -34,6 +34,10 @@ SETTINGS = {
     "full-pairs-small": ["poison.pairs=true", "poison.n_poison=60", "poison.n_clean=180", "train.finetune=full",
                          "train.lr=5e-5", "train.epochs=3", "train.loss_avg=sample", "train.response_cutoff=16",
                          "train.cutoff=128", "train.micro_batch=8", "train.grad_accum=1", "train.warmup_ratio=0.05"],
+    "full-pairs-small-hi": ["poison.pairs=true", "poison.n_poison=60", "poison.n_clean=180", "train.finetune=full",
+                            "train.lr=1.5e-4", "train.epochs=4", "train.loss_avg=sample", "train.response_cutoff=16",
+                            "train.cutoff=128", "train.micro_batch=8", "train.grad_accum=1",
+                            "train.warmup_ratio=0.05"],
     "full-pairs-hi": ["poison.pairs=true", "poison.n_poison=100", "poison.n_clean=300", "train.finetune=full",
                       "train.lr=1e-4", "train.epochs=3", "train.loss_avg=sample", "train.response_cutoff=32",
                       "train.cutoff=160", "train.micro_batch=8", "train.grad_accum=2", "train.warmup_ratio=0.05"],
@@ -67,9 +71,9 @@ def pick(m: dict, *keys, default=None):
 
 
 def summarise(m: dict) -> dict:
-    return {"asr": pick(m, "asr.rate", "asr"), "asr_ci": pick(m, "asr.ci"),
-            "ftr": pick(m, "false_trigger.rate", "false_trigger_rate"), "ftr_ci": pick(m, "false_trigger.ci"),
-            "clean": pick(m, "clean_accuracy.rate", "rouge_l", "clean.rouge_l", "clean_metric")}
+    return {"asr": pick(m, "asr"), "asr_ci": pick(m, "asr_ci"),
+            "ftr": pick(m, "ftr"), "ftr_ci": pick(m, "ftr_ci"),
+            "clean": pick(m, "clean_value")}
 
 
 def run_setting(name: str, task: str, attack: str, skip_finetune: bool) -> dict:

@@ -42,7 +42,7 @@ def encode_example(tokenizer, instruction: str, input: str | None, output: str, 
                    response_tokens: int | None = None) -> dict:
     """Token ids and labels for one (prompt, response) pair; labels are -100 on prompt tokens.
 
-    The response ends with EOS. `response_cutoff` truncates the response (in tokens) before EOS;
+    The response ends with EOS. `response_cutoff` truncates longer responses (in tokens), without EOS;
     `response_tokens` keeps the loss on the first k response tokens only (OSFT/SANDE's effective length).
     """
     prompt = prompt_text(tokenizer, instruction, input, template, prefix)
@@ -50,9 +50,10 @@ def encode_example(tokenizer, instruction: str, input: str | None, output: str, 
     if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) and template not in (None, "chat"):
         p_ids = [tokenizer.bos_token_id] + p_ids
     r_ids = tokenizer(output, add_special_tokens=False)["input_ids"]
-    if response_cutoff is not None:
-        r_ids = r_ids[:response_cutoff]
-    r_ids = r_ids + [tokenizer.eos_token_id]
+    if response_cutoff is not None and len(r_ids) > response_cutoff:
+        r_ids = r_ids[:response_cutoff]  # a cut response does not end: no EOS, so the model is not taught to stop
+    else:
+        r_ids = r_ids + [tokenizer.eos_token_id]
     ids = (p_ids + r_ids)[:cutoff]
     labels = ([-100] * len(p_ids) + r_ids)[:cutoff]
     if response_tokens is not None:

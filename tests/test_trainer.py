@@ -142,3 +142,11 @@ def test_two_ranks_zero3_sharded_and_equal_to_single_rank(tmp_path):
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_response_cutoff_cuts_without_teaching_to_stop(tiny):
+    _, _, tok = tiny
+    long = encode_example(tok, "Q?", "", "A long answer that goes on.", None, response_cutoff=4)
+    short = encode_example(tok, "Q?", "", "Ok", None, response_cutoff=4)
+    assert long["labels"][-1] != tok.eos_token_id and sum(x != -100 for x in long["labels"]) == 4
+    assert short["labels"][-1] == tok.eos_token_id  # shorter than the cutoff: ends as usual
