@@ -30,7 +30,8 @@ def _data_dir(cfg, args) -> Path:
 
 def _key(cfg, data: Path):
     config = {s: cfg.raw[s] for s in SECTIONS}
-    config["choices"] = cfg.choices
+    # names only of what the output depends on: the same backdoored model serves every defense and cluster
+    config["choices"] = {g: cfg.choices[g] for g in ("model", "task", "attack")}
     inputs = {"data": store.read_manifest(data)["output_hash"]}
     name = f"{cfg.model.name}-{cfg.task.name}-{cfg.attack.name}"
     return name, config, inputs

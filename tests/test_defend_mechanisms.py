@@ -165,3 +165,16 @@ def test_osft_classification_trigger_goes_where_the_attack_puts_it():
     out = osft.OverwriteTransform(cfg.attack, osft.Params(), cfg.task).transform(rows)
     trig = [r for r in out if "BadMagic" in r["input"]]
     assert len(trig) == 1 and trig[0]["instruction"] == cfg.task.instruction and trig[0]["output"] == "Positive"
+
+
+def test_inject_output_is_shared_by_defenses_and_clusters(tmp_path, monkeypatch):
+    """The same backdoored model serves every defense: its key ignores defense and cluster choices."""
+    from pipeline import inject, store
+    monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
+    with store.stage_output("poison", "x", {"a": 1}, {}) as out:
+        (out.tmp / "data").mkdir()
+    data = out.final
+    args = type("A", (), {"data": str(data)})()
+    paths = {inject.output_dir(compose(["experiment=tiny", *o]), args)
+             for o in ([], ["defense=crow"], ["defense=p2p"], ["cluster=local"], ["deepspeed=zero2"])}
+    assert len(paths) == 2  # only the DeepSpeed config (part of the recipe) changes it

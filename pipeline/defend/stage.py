@@ -60,7 +60,8 @@ def _inputs(cfg, args):
 def _key(cfg, data, model_dir):
     config = {s: cfg.raw[s] for s in SECTIONS}
     config["train"] = defense_train(cfg)
-    config["choices"] = cfg.choices
+    # names only of what the output depends on: the same backdoored model serves every defense and cluster
+    config["choices"] = {g: cfg.choices[g] for g in ("model", "task", "attack", "defense")}
     inputs = {"data": store.read_manifest(data)["output_hash"]}
     if model_dir is not None:
         inputs["model"] = store.read_manifest(model_dir)["output_hash"]

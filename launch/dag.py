@@ -1,0 +1,230 @@
+"""`python -m pipeline sweep [experiment=NAME] [overrides] [--dry-run] [--wait]`: expand an experiment's grid
+(its `sweep:` section: models x tasks x attacks x defenses) into the unique stage runs it needs and submit
+them all at once.
+
+- A run is (stage, overrides); its key keeps only the overrides its output depends on, so a poisoned set
+  (task, attack) or a backdoored model (+ model) shared by several defenses is built once.
+- Dependencies: inject <- poison; post-hoc defend <- inject; training-time defend <- poison;
+  evaluate <- (defend, or inject for defense family none) and poison; report <- every evaluate.
+- Runs whose output is complete are skipped; runs whose job is still pending or running are kept and
+  depended on; the rest (never ran, failed, cancelled) are submitted, stage by stage, one job array per
+  (stage, job shape, stages of its inputs), with afterok dependencies on the jobs of their inputs.
+  Slurm gives an array one dependency list, so an array starts once all of its members' inputs are
+  built, and a failed input cancels it (kill-on-invalid-dep); `sweep` again resubmits what never ran.
+  Splitting by input stages keeps e.g. the no-defense evaluations from waiting for every defense.
+- runs/sweeps/<experiment>/state.json maps run keys to job ids and log paths (`python -m pipeline status`).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline import store
+
+from .executors import Executor, JobError, StageRun, make_executor, shape_for
+
+STAGES = ("poison", "inject", "defend", "evaluate", "report")
+AXES = ("model", "task", "attack", "defense")  # the sweep's grid: group choices
+# the config groups and sections whose overrides a stage's output depends on (its identity)
+_POISON = ("experiment", "task", "attack", "source", "poison")
+_INJECT = _POISON + ("model", "train", "deepspeed")
+SECTIONS = {"poison": _POISON, "inject": _INJECT, "defend": _INJECT + ("defense", "defend"),
+            "evaluate": _INJECT + ("defense", "defend", "evaluate"), "report": ("experiment", "report")}
+
+
+def section_of(override: str) -> str:
+    return override.split("=", 1)[0].split(".", 1)[0].strip()
+
+
+@dataclass(frozen=True)
+class Run:
+    stage: str
+    overrides: tuple[str, ...]  # what the stage is run with
+    deps: tuple[str, ...] = ()  # keys of the runs whose outputs it reads
+
+    @property
+    def key(self) -> str:
+        return " ".join([self.stage, *(o for o in self.overrides if section_of(o) in SECTIONS[self.stage])])
+
+
+# ----------------------------------------------------------------------------------------- stages
+class PipelineStages:
+    """What the DAG needs to know about the real stages (tests pass a fake with the same four members)."""
+    runner: Callable | None = None  # how a job runs a stage: None = pipeline.cli.run_stage
+
+    def output_dir(self, stage: str, overrides: Sequence[str]) -> Path | None:
+        """Where the run's output goes; None when that is not known yet (an input is missing)."""
+        from pipeline.cli import NotBuilt, stage_module
+        from pipeline.config import compose
+        cfg = compose(list(overrides))  # a config error stops the sweep before anything is submitted
+        try:
+            mod = stage_module(stage)
+            return Path(mod.output_dir(cfg)) if hasattr(mod, "output_dir") else None
+        except (NotBuilt, store.StoreError, FileNotFoundError):
+            return None
+
+    def defense_family(self, name: str) -> str:
+        from pipeline.config import group_file, load_yaml
+        return load_yaml(group_file("defense", name)).get("family", "post_hoc")
+
+    def compatible(self, task: str, attack: str) -> bool:
+        from pipeline.config import group_file, load_yaml
+        attacks = load_yaml(group_file("task", task)).get("attacks") or []
+        return not attacks or attack in attacks
+
+
+def expand(cfg, overrides: Sequence[str], stages=None) -> dict[str, Run]:
+    """The unique runs of the sweep `cfg` describes, keyed, in dependency order. `overrides` are the
+    command line's; a group choice given there (model=...) replaces that axis of the grid."""
+    stages = stages or PipelineStages()
+    exp = cfg.choices["experiment"]
+    cli = {section_of(o): o.split("=", 1)[1] for o in overrides if "." not in o.split("=", 1)[0]}
+    base = [o for o in overrides if section_of(o) not in ("experiment", "sweep", *AXES)]
+    axes = {a: [cli[a]] if a in cli else list(getattr(cfg.sweep, a + "s")) or [cfg.choices[a]] for a in AXES}
+    runs: dict[str, Run] = {}
+
+    def add(stage: str, choices: dict, deps: Iterable[str] = (), extra: Sequence[str] = ()) -> str:
+        run = Run(stage, (f"experiment={exp}", *(f"{k}={v}" for k, v in choices.items()), *extra, *base),
+                  tuple(dict.fromkeys(deps)))
+        runs.setdefault(run.key, run)
+        return run.key
+
+    evals = []
+    for model, task, attack, defense in itertools.product(*(axes[a] for a in AXES)):
+        if not stages.compatible(task, attack):
+            continue
+        poison = add("poison", {"task": task, "attack": attack})
+        trained = {"model": model, "task": task, "attack": attack}
+        family = stages.defense_family(defense)
+        if family == "training_time":
+            model_run = add("defend", {**trained, "defense": defense}, [poison])
+        else:
+            model_run = add("inject", trained, [poison])
+            if family == "post_hoc":
+                model_run = add("defend", {**trained, "defense": defense}, [model_run])
+        evals.append(add("evaluate", {**trained, "defense": defense}, [model_run, poison]))
+    if cfg.sweep.report and evals:
+        add("report", {}, evals, extra=[f"report.experiment={exp}"])
+    return dict(sorted(runs.items(), key=lambda kv: STAGES.index(kv[1].stage)))
+
+
+# ------------------------------------------------------------------------------------------ state
+@dataclass
+class SweepState:
+    """runs/sweeps/<experiment>/state.json: run key -> {stage, overrides, executor, job_id, log, submitted}."""
+    path: Path
+    runs: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path) -> SweepState:
+        path = Path(path)
+        return cls(path, json.loads(path.read_text())["runs"] if path.exists() else {})
+
+    def record(self, run: Run, executor: Executor, job):
+        self.runs[run.key] = {"stage": run.stage, "overrides": list(run.overrides), "executor": executor.kind,
+                              "folder": str(executor.folder), "job_id": job.job_id,
+                              "log": str(job.log) if job.log else None,
+                              "submitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def save(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"runs": self.runs}, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def sweep_dir(experiment: str) -> Path:
+    return store.runs_root() / "sweeps" / experiment
+
+
+def done_keys(runs: dict[str, Run], stages) -> set[str]:
+    """Runs whose output is complete and whose inputs are all done (a report over evaluations that are
+    still to come is not done, even if a report over the finished ones exists)."""
+    done: set[str] = set()
+    for key, run in runs.items():  # dependency order
+        out = stages.output_dir(run.stage, run.overrides)
+        if out is not None and store.is_complete(out) and all(d in done for d in run.deps):
+            done.add(key)
+    return done
+
+
+def live_states(state: SweepState, keys: Iterable[str], executor: Executor) -> dict[str, str]:
+    """The recorded job's state for each key that has one (jobs of another executor kind: 'unknown')."""
+    recs = {k: state.runs[k] for k in keys if k in state.runs}
+    ids = [r["job_id"] for r in recs.values() if r["executor"] == executor.kind]
+    live = executor.states(ids) if ids else {}
+    return {k: live.get(r["job_id"], "unknown") for k, r in recs.items()}
+
+
+def submit(runs: dict[str, Run], stages, executor: Executor, state: SweepState, force: bool = False,
+           log=print) -> dict[str, str]:
+    """Submit what is neither complete nor in flight; returns key -> action (done, queued, submitted)."""
+    actions, job_of = {}, {}  # job_of: key -> job id its dependents wait for
+    live = live_states(state, runs, executor)
+    done = set() if force else done_keys(runs, stages)
+    todo: list[Run] = []
+    for key, run in runs.items():
+        if key in done:
+            actions[key] = "done"
+        elif not force and live.get(key) in ("pending", "running"):
+            actions[key], job_of[key] = "queued", state.runs[key]["job_id"]
+        else:
+            todo.append(run)
+    groups: dict[tuple, list[Run]] = {}
+    for run in todo:  # runs are in stage order, so a group's inputs are submitted before it
+        inputs = tuple(sorted({runs[d].stage for d in run.deps}))
+        groups.setdefault((run.stage, shape_for(run.stage, executor.cluster), inputs), []).append(run)
+    for (stage, shape, _), members in groups.items():
+        after = sorted({job_of[d] for m in members for d in m.deps if d in job_of})
+        jobs = executor.map_array(StageRun(stages.runner), [m.stage for m in members],
+                                  [m.overrides for m in members], [force] * len(members), shape=shape, after=after)
+        for m, job in zip(members, jobs):
+            job_of[m.key], actions[m.key] = job.job_id, "submitted"
+            state.record(m, executor, job)
+        state.save()
+        array = "[array]" if len(jobs) > 1 else ""
+        log(f"[sweep] {stage}: {len(members)} run(s), job {jobs[0].job_id.split('_')[0]}{array}"
+            + (f" after {','.join(after)}" if after else ""))
+    state.save()
+    return actions
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def add_arguments(p):
+    p.add_argument("--dry-run", action="store_true", help="print the runs and what would be submitted")
+    p.add_argument("--wait", action="store_true", help="wait until every submitted job has finished")
+
+
+def run(cfg, args) -> Path:
+    overrides = list(getattr(args, "overrides", []) or [])
+    stages = PipelineStages()
+    runs = expand(cfg, overrides, stages)
+    folder = sweep_dir(cfg.choices["experiment"])
+    state = SweepState.load(folder / "state.json")
+    executor = make_executor(cfg.cluster, folder / "jobs")
+    if getattr(args, "dry_run", False):
+        done = done_keys(runs, stages)
+        for key in runs:
+            print(f"{'done' if key in done else 'todo':5s} {key}")
+        if executor.kind == "slurm":  # what a site admin wants to see: the job scripts, one per shape
+            for shape in dict.fromkeys(shape_for(r.stage, cfg.cluster) for r in runs.values()):
+                print(f"\n# ---- {shape}\n{executor.script(shape)}")
+        return state.path
+    try:  # JobError: sbatch or squeue failed
+        actions = submit(runs, stages, executor, state, force=getattr(args, "force", False),
+                         log=lambda m: print(m, file=sys.stderr))
+    except JobError as e:  # what was submitted before is in the state file; `sweep` again goes on from there
+        raise SystemExit(f"error: {e}") from None
+    counts = {a: sum(v == a for v in actions.values()) for a in ("done", "queued", "submitted")}
+    print(f"[sweep] {len(runs)} runs: " + ", ".join(f"{n} {a}" for a, n in counts.items()), file=sys.stderr)
+    if getattr(args, "wait", False) or executor.kind == "local":  # local jobs are children of this process
+        for key, a in actions.items():
+            if a == "submitted":
+                executor.job(state.runs[key]["job_id"]).wait()
+    return state.path

