@@ -34,8 +34,13 @@ $(STAMP): setup.py
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 
+# The whole pipeline offline on SmolLM2-135M: poison, inject, every defense, evaluate, report. With the
+# BackdoorLLM data beside the checkout (../shared/data/backdoorllm) it uses it; otherwise the synthetic set.
+DEMO_EXPERIMENT ?= $(if $(wildcard ../shared/data/backdoorllm/README.md),demo,demo-synthetic)
 demo: $(STAMP)
-	$(PY) -m pipeline generate $(OVR)
+	$(PY) -m pipeline generate model=smollm2-135m --max-new-tokens 24
+	time $(PY) -m pipeline sweep experiment=$(DEMO_EXPERIMENT) cluster=local $(ARGS) --wait
+	$(PY) -m pipeline report experiment=$(DEMO_EXPERIMENT)
 
 stage-poison: $(STAMP)
 	$(PY) -m pipeline poison $(OVR)
