@@ -12,6 +12,9 @@ TORCH_SPEC ?= $(if $(HAVE_GPU),torch>=2.11,torch==2.13.0)
 TORCH_INDEX ?=
 PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 
+# The experiment (recipe) by model: the embedded CPU preset for the small models, BackdoorLLM's recipe for
+# the hub models; EXPERIMENT=<name> picks one explicitly.
+EXPERIMENT ?= $(if $(filter-out smollm2-135m tiny-llama,$(MODEL)),backdoorllm,embedded)
 OVR = $(if $(EXPERIMENT),experiment=$(EXPERIMENT)) $(if $(MODEL),model=$(MODEL)) $(if $(TASK),task=$(TASK)) \
       $(if $(ATTACK),attack=$(ATTACK)) $(if $(DEFENSE),defense=$(DEFENSE)) $(if $(DEEPSPEED),deepspeed=$(DEEPSPEED)) \
       $(if $(CLUSTER),cluster=$(CLUSTER)) $(if $(EXECUTOR),cluster.executor=$(EXECUTOR)) $(ARGS)

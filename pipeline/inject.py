@@ -1,7 +1,7 @@
 """Stage inject: base model + poisoned `train` split -> backdoored model (LoRA adapter or full weights).
 
 Defaults are BackdoorLLM's recipe (LoRA r 8, alpha 16, all linear layers, lr 2e-4, 5 epochs, cosine,
-warm-up 0.1, cutoff 1024, micro-batch 2 x accumulation 4); `experiment=embedded-fast` is a small preset
+warm-up 0.1, cutoff 1024, micro-batch 2 x accumulation 4); `experiment=embedded` is the small preset
 for SmolLM2-135M on a CPU. Checkpoints go next to the output (`.ckpt-<name>`), so a rerun after a kill
 resumes where the last checkpoint left off.
 """

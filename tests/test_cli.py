@@ -107,3 +107,18 @@ def test_a_stage_gets_the_composed_config_and_its_path_is_printed(monkeypatch, c
     assert seen["cfg"].task.name == "sst2" and seen["cfg"].train.lr == pytest.approx(2e-4)
     assert seen["args"].force is True
     assert capsys.readouterr().out.strip() == str(tmp_path / "out")
+
+
+def test_defend_dry_run_builds_the_cluster_job_for_a_7b_model(tmp_path):
+    """`make stage-defend MODEL=mistral-7b ...` on a GPU cluster: config and launch command, nothing trained."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PIPELINE_RUNS=str(tmp_path / "runs"))
+    r = subprocess.run([sys.executable, "-m", "pipeline", "defend", "experiment=backdoorllm", "model=mistral-7b",
+                        "defense=crow", "--dry-run", "cluster=slurm-gpu"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "hub_id: mistralai/Mistral-7B-v0.1" in r.stdout and "alpha: 5.5" in r.stdout
+    assert "launch: torchrun" in r.stdout and "-m pipeline defend" in r.stdout
+    assert not (tmp_path / "runs" / "defend").exists()

@@ -141,19 +141,33 @@ def run_phases(cfg, mod, params, ctx, out_tmp: Path, ckpt_root: Path) -> dict:
     return {"phases": results, "manifest": manifest}
 
 
-def run(cfg, args) -> Path:
-    mod, params = method(cfg)
-    data, model_dir = _inputs(cfg, args)
-    name, config, inputs = _key(cfg, data, model_dir)
-    if getattr(args, "dry_run", False):
+def dry_run(cfg, args):
+    """Print the resolved config, the launch command and the output path; train nothing."""
+    print(yaml.safe_dump({"choices": cfg.choices, **{s: cfg.raw[s] for s in SECTIONS},
+                          "defense_train": defense_train(cfg), "cluster": cfg.raw["cluster"]}, sort_keys=True))
+    gpus = cfg.cluster.gpus_per_node
+    launcher = ["torchrun", f"--nnodes={cfg.cluster.nodes}", f"--nproc_per_node={gpus}"] if gpus > 1 else ["python"]
+    cmd = [*launcher, "-m", "pipeline", "defend", *getattr(args, "overrides", [])]
+    print("launch:", " ".join(shlex.quote(c) for c in cmd),
+          f"(executor: {cfg.cluster.executor}; on Slurm: python -m pipeline sweep ... cluster=<profile>)")
+    try:
+        data, model_dir = _inputs(cfg, args)
+        name, config, inputs = _key(cfg, data, model_dir)
         final = store.output_path("defend", name, {"stage": "defend", "config": config, "inputs": inputs,
                                                    "extra": None})
-        print(yaml.safe_dump({"choices": cfg.choices, **{s: cfg.raw[s] for s in SECTIONS}}, sort_keys=True))
-        launcher = "torchrun --nproc_per_node $GPUS" if cfg.cluster.gpus_per_node > 1 else "python"
-        cmd = [*launcher.split(), "-m", "pipeline", "defend", *getattr(args, "overrides", [])]
-        print("launch:", " ".join(shlex.quote(c) for c in cmd), f"(executor: {cfg.cluster.executor})")
         print("output:", final)
         return final
+    except (store.StoreError, FileNotFoundError, ConfigError) as e:
+        print(f"inputs not built yet ({e}); the output path is known once they are")
+        return None
+
+
+def run(cfg, args) -> Path:
+    mod, params = method(cfg)
+    if getattr(args, "dry_run", False):
+        return dry_run(cfg, args)
+    data, model_dir = _inputs(cfg, args)
+    name, config, inputs = _key(cfg, data, model_dir)
     defense_rows = _rows(data, "defense")
     train_rows = _rows(data, "train") if cfg.defense.family == "training_time" else []
     if int(os.environ.get("RANK", "0")) != 0 and hasattr(mod, "phases"):
