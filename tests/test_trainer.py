@@ -150,3 +150,10 @@ def test_response_cutoff_cuts_without_teaching_to_stop(tiny):
     short = encode_example(tok, "Q?", "", "Ok", None, response_cutoff=4)
     assert long["labels"][-1] != tok.eos_token_id and sum(x != -100 for x in long["labels"]) == 4
     assert short["labels"][-1] == tok.eos_token_id  # shorter than the cutoff: ends as usual
+
+
+def test_single_process_init_does_not_leak_its_port(monkeypatch):
+    from pipeline.train.trainer import init_distributed
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    init_distributed()
+    assert "MASTER_PORT" not in os.environ  # children (torchrun, subprocess trainers) pick their own

@@ -45,10 +45,15 @@ def init_distributed() -> tuple[int, int, int]:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
+    own_port = "MASTER_PORT" not in os.environ
+    if own_port:
         os.environ["MASTER_PORT"] = str(_free_port())
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    finally:
+        if own_port:  # a port this process picked and now listens on must not leak into its children
+            os.environ.pop("MASTER_PORT", None)
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
 
 
