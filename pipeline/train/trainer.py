@@ -288,6 +288,14 @@ class Trainer:
                 print(f"[train] resumed from {ckpt_dir} at step {step}")
         out_dir = Path(out_dir)
         metrics_f = open(out_dir / "metrics.jsonl", "a") if self.is_main else None
+        tb = None
+        if tc.tensorboard and self.is_main:  # optional: needs the `tensorboard` package
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                print("[train] train.tensorboard=true but tensorboard is not installed "
+                      "(pip install tensorboard); logging to metrics.jsonl only")
         bar = tqdm(total=total, initial=step, desc="train", disable=not self.is_main, dynamic_ncols=True)
         t0, tokens, last = time.time(), 0, {}
         t_step, tok_step = time.time(), 0
@@ -325,6 +333,10 @@ class Trainer:
                 if self.is_main and (step % tc.log_every == 0 or step == total):
                     metrics_f.write(json.dumps(rec) + "\n")
                     metrics_f.flush()
+                    if tb is not None:
+                        for k, v in rec.items():
+                            if isinstance(v, (int, float)) and k != "step":
+                                tb.add_scalar(f"train/{k}", v, step)
                 bar.set_postfix(loss=f"{rec.get('lm_loss', 0):.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.update(1)
                 self.last_record = rec
@@ -337,6 +349,8 @@ class Trainer:
         bar.close()
         if metrics_f:
             metrics_f.close()
+        if tb is not None:
+            tb.close()
         if stop_after_steps and step < total:
             return {"stopped_at": step}
         if save:
