@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -132,6 +133,8 @@ def run_phases(cfg, mod, params, ctx, out_tmp: Path, ckpt_root: Path) -> dict:
         results[ph.name] = res
         if not ph.final:
             _mark_phase_output(dest, pcfg)
+            if (dest / "extra.safetensors").is_file():  # keep what a phase learned (SANDE's parrot)
+                shutil.copy(dest / "extra.safetensors", out_tmp / f"{ph.name}.extra.safetensors")
         prev = dest
     manifest = {}
     for ph in phases:
