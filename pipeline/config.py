@@ -389,6 +389,25 @@ def parse_value(text: str):
         return text
 
 
+def load_experiment(path: Path, seen: tuple = ()) -> dict:
+    """An experiment file; `extends: <name>` starts from another experiment and overrides it."""
+    exp = load_yaml(path)
+    parent = exp.pop("extends", None)
+    if parent is None:
+        return exp
+    if parent in seen:
+        raise ConfigError(f"{path}: 'extends' loops ({' -> '.join((*seen, parent))})")
+    base = load_experiment(group_file("experiment", str(parent)), (*seen, parent))
+    for k, v in exp.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            merged = dict(base[k])
+            merged.update(v)
+            base[k] = merged
+        else:
+            base[k] = v
+    return base
+
+
 @dataclass
 class Config:
     """A fully composed, validated config. `raw` is the plain dict written to config.yaml."""
@@ -433,7 +452,7 @@ def compose(overrides: list[str] | None = None, experiment: str | None = None) -
             raise ConfigError(f"command line: unknown config group '{key}' (groups: {', '.join(GROUPS)})")
     exp_name = choices_cli.pop("experiment", None) or experiment or "default"
     exp_path = group_file("experiment", exp_name)
-    exp = load_yaml(exp_path)
+    exp = load_experiment(exp_path)
     defaults = exp.pop("defaults", {}) or {}
     if not isinstance(defaults, dict):
         raise ConfigError(f"{exp_path}: 'defaults' must map group -> name")

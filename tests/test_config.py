@@ -262,3 +262,17 @@ def test_cli_config_error_from_a_file_exits_2(tmp_path, croot):
     assert r.returncode == 2, r.stderr
     assert str(croot / "task" / "nokind.yaml") in r.stderr and "task.kind" in r.stderr
     assert not runs.exists() or not any(runs.rglob("*"))
+
+
+def test_experiment_extends_another(tmp_path, monkeypatch):
+    import shutil
+    from pipeline.config import ConfigError, compose, config_root
+    root = tmp_path / "configs"
+    shutil.copytree(config_root(), root)
+    monkeypatch.setenv("PIPELINE_CONFIGS", str(root))
+    (root / "experiment" / "child.yaml").write_text("extends: tiny\ntrain: {lr: 0.5}\n")
+    c = compose(["experiment=child"])
+    assert c.train.lr == 0.5 and c.train.micro_batch == 4 and c.model.name == "tiny-llama"  # the rest from tiny
+    (root / "experiment" / "loop.yaml").write_text("extends: loop\n")
+    with pytest.raises(ConfigError, match="loops"):
+        compose(["experiment=loop"])
