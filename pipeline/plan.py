@@ -80,7 +80,7 @@ def plan(shape: Shape, *, seq: int, micro: int, world: int, zero: int, offload_o
     if offload_params and zero == 3:
         host += weights * world
         weights = N * bytes_per_param * 2 / world / max(shape.layers, 1)  # a layer or two live on the GPU
-    s, b, h, L, a = seq, micro, shape.hidden, shape.layers, shape.heads
+    s, b, h, L = seq, micro, shape.hidden, shape.layers
     # Korthikanti's 34 s b h bytes per layer (no s^2 term with SDPA/flash) grows for a Llama block: SwiGLU
     # keeps gate/up/act outputs, and LoRA's dropout keeps a copy of each adapted input. Fitted on the
     # H100 no-checkpointing point (DESIGN.md §5): 44 h + 10 inter bytes per token per layer in bf16.

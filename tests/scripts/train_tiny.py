@@ -5,7 +5,6 @@ Writes OUT_DIR/model and OUT_DIR/result.json (loss curve, sharding facts) on ran
 """
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
