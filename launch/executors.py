@@ -341,7 +341,9 @@ class SlurmExecutor(Executor):
                   "slurm_partition": c.partition, "slurm_account": c.account, "slurm_qos": c.qos,
                   "slurm_constraint": c.constraint, "slurm_array_parallelism": self.array_parallelism,
                   "slurm_signal_delay_s": c.signal_delay_s, "slurm_additional_parameters": extra,
-                  "slurm_setup": list(c.setup or []) or None, "slurm_srun_args": srun_args or None}
+                  # one thread per allocated CPU: torch would start one per core of the node and oversubscribe it
+                  "slurm_setup": [f"export OMP_NUM_THREADS={shape.cpus_per_task}", *(c.setup or [])],
+                  "slurm_srun_args": srun_args or None}
         if shape.gpus_per_node:
             params["gpus_per_node"] = shape.gpus_per_node
         if shape.mem_gb is not None:  # 0: all of the node's memory

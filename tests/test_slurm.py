@@ -1,20 +1,18 @@
-"""launch/ against a real one-node Slurm (slurm/local_cluster.sh, started once for this module and stopped
-even when a test fails): afterok ordering and array concurrency of a sweep, a failed job in status and the
-only thing resubmitted, a Checkpointable job requeued on preemption that resumes from its checkpoint, and
-the sbatch scripts of the site profiles. Skipped, with the reason, where the cluster cannot be started
-(not root, no apt-get or the packages cannot be installed)."""
+"""launch/ against a real one-node Slurm (slurm/local_cluster.sh, through the session fixture `slurm` of
+tests/conftest.py, which tests/test_slurm_real.py shares): afterok ordering and array concurrency of a
+sweep, a failed job in status and the only thing resubmitted, a Checkpointable job requeued on preemption
+that resumes from its checkpoint, and the sbatch scripts of the site profiles. Skipped, with the reason,
+where the cluster cannot be started (not root, no apt-get or the packages cannot be installed)."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import cloudpickle
-import pytest
 from test_launch import FakeStages, check_order, sweep_cfg
 
 from launch import dag, distributed, status
@@ -22,33 +20,6 @@ from launch.executors import Shape, SlurmExecutor, StageRun, make_executor, shap
 from pipeline.config import compose
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the Slurm jobs run this module's functions
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "slurm" / "local_cluster.sh"
-
-
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("the local Slurm needs root (it installs packages and starts daemons)")
-    if not shutil.which("apt-get") and not shutil.which("slurmctld"):
-        pytest.skip("no Slurm and no apt-get to install it")
-    d = tmp_path_factory.mktemp("slurm")
-    saved = os.environ.get("SLURM_CONF")
-    try:
-        # --watch: the cluster stops itself should this process die without running the finalizer
-        p = subprocess.run(["bash", str(SCRIPT), "start", str(d), "--watch", str(os.getpid())],
-                           check=False, capture_output=True, text=True, timeout=600)
-        if p.returncode == 3:
-            pytest.skip(f"local Slurm unavailable: {p.stderr.strip().splitlines()[-1]}")
-        assert p.returncode == 0, f"local_cluster.sh start failed:\n{p.stderr}"
-        os.environ["SLURM_CONF"] = str(d / "slurm.conf")
-        yield d
-    finally:
-        subprocess.run(["bash", str(SCRIPT), "stop", str(d)], check=False, capture_output=True, timeout=120)
-        if saved is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = saved
 
 
 def cluster(**kw):

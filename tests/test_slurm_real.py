@@ -1,0 +1,244 @@
+"""The real stages (tiny random Llama, synthetic data) on a real one-node Slurm (the session fixture `slurm`
+of tests/conftest.py, shared with tests/test_slurm.py, which covers the same ground with fake stages):
+
+1. `python -m pipeline sweep ... --wait` of 2 attacks x 3 defenses: job arrays with afterok
+   dependencies, each job started after its inputs' jobs ended, and the report table.
+2. An inject job requeued (`scontrol requeue`) after its first checkpoint resumes from it and ends with
+   the adapter of an uninterrupted run.
+3. A defense that fails at run time: `python -m pipeline status` shows it failed with its log; once fixed,
+   `sweep` again resubmits only it (and what never ran because of it).
+4. A 2-task inject job (2 ranks, gloo on the CPU) with ZeRO-3.
+
+Skipped, with the fixture's reason, where the cluster cannot be started (not root, ...). The jobs run
+with OMP_NUM_THREADS=1: several 1-CPU jobs share the machine's cores, and torch's default of one
+thread per core oversubscribes them (a 2-step CROW job took a minute instead of seconds).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from submitit.core.utils import pickle_load
+
+from launch import dag
+from launch.executors import StageRun, make_executor, shape_for
+from pipeline.cli import run_stage
+from pipeline.config import compose
+from pipeline.train.trainer import checkpoint_dir_for
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+SWEEP = ["experiment=tiny", "cluster=local-slurm", "sweep.attacks=[badnet,vpi]", "train.max_steps=2",
+         "evaluate.n_test=4"]
+DEFENSES = "sweep.defenses=[none,finetune,crow]"
+WITH_OSFT = "sweep.defenses=[none,finetune,crow,osft]"
+
+
+def job_env(runs, configs=None) -> dict:
+    env = dict(os.environ, PIPELINE_RUNS=str(runs), OMP_NUM_THREADS="1")
+    env.pop("PIPELINE_CONFIGS", None)
+    if configs:
+        env["PIPELINE_CONFIGS"] = str(configs)
+    return env
+
+
+def cli(args, runs, configs=None, timeout=300) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` with PIPELINE_RUNS=runs (sbatch passes the environment on to the jobs)."""
+    p = subprocess.run([PY, "-m", "pipeline", *args], cwd=ROOT, env=job_env(runs, configs), capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, f"python -m pipeline {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+def sacct(job_ids) -> dict[str, dict]:
+    """JobID (array tasks as 12_3) -> {State, Start, End} of the given jobs (or arrays)."""
+    ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))
+    out = subprocess.run(["sacct", "-X", "-P", "-n", "-o", "JobID,State,Start,End", "-j", ids], check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    rows = [ln.split("|") for ln in out.splitlines() if ln.strip()]
+    return {r[0]: {"State": r[1], "Start": r[2], "End": r[3]} for r in rows}
+
+
+def state_runs(runs) -> dict:
+    return json.loads((Path(runs) / "sweeps" / "tiny" / "state.json").read_text())["runs"]
+
+
+def status_rows(text: str) -> dict[str, tuple[str, str, str]]:
+    """`python -m pipeline status` output -> run key -> (state, job id, log)."""
+    lines = text.splitlines()[1:-1]
+    return {key.strip(): tuple(head.split(None, 3)[i] for i in (0, 2, 3)) for head, key in zip(lines[::2], lines[1::2])}
+
+
+def safetensors_close(a: Path, b: Path, atol=1e-6):
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys() and ta
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# ------------------------------------------------------------------------------------------ sweep
+@pytest.fixture(scope="module")
+def swept(slurm, tmp_path_factory):
+    """One sweep of 2 attacks x 3 defenses on the tiny model, submitted and waited for by the CLI."""
+    runs = tmp_path_factory.mktemp("runs-sweep")
+    t0 = time.time()
+    p = cli(["sweep", *SWEEP, DEFENSES, "--wait"], runs, timeout=480)
+    return runs, p, time.time() - t0
+
+
+def test_sweep_job_arrays_afterok_and_report(swept):
+    runs, p, wall = swept
+    ov = [*SWEEP, DEFENSES]
+    expected = dag.expand(compose(ov), ov)
+    recs = state_runs(runs)
+    assert set(recs) == set(expected) and len(expected) == 15, p.stderr
+    assert "15 runs: 0 done, 0 queued, 15 submitted" in p.stderr
+    # every stage but the report was an array (2 poisons, 2 injects, 4 defenses, 2 + 4 evaluations)
+    arrays: dict[str, set] = {}
+    for key, rec in recs.items():
+        assert rec["executor"] == "slurm"
+        if expected[key].stage != "report":
+            assert re.fullmatch(r"\d+_\d+", rec["job_id"]), rec
+            arrays.setdefault(rec["job_id"].split("_")[0], set()).add(rec["job_id"])
+    assert sorted(len(m) for m in arrays.values()) == [2, 2, 2, 4, 4], arrays
+    jobs = Path(runs) / "sweeps" / "tiny" / "jobs"
+    defend = next(r["job_id"].split("_")[0] for k, r in recs.items() if expected[k].stage == "defend")
+    script = (jobs / f"{defend}_submission.sh").read_text()
+    assert "#SBATCH --array=0-3%4" in script and "#SBATCH --dependency=afterok:" in script, script
+    # Slurm ran each job after the jobs of its inputs had ended
+    acct = sacct(r["job_id"] for r in recs.values())
+    for key, run in expected.items():
+        mine = acct[recs[key]["job_id"]]
+        assert mine["State"] == "COMPLETED", (key, mine)
+        for d in run.deps:
+            dep = acct[recs[d]["job_id"]]
+            assert mine["Start"] >= dep["End"], f"{key} started {mine['Start']}, before {d} ended {dep['End']}"
+        assert Path(recs[key]["log"]).is_file()
+    # the report: one row per attack, a column per defense
+    tables = list((Path(runs) / "report").glob("*/table.md"))
+    assert len(tables) == 1, tables
+    table = tables[0].read_text()
+    for attack in ("badnet", "vpi"):
+        assert len(re.findall(rf"^\| tiny-llama \| negsentiment \| {attack} \|", table, re.M)) == 1, table
+    header = table.splitlines()[0]
+    assert all(c in header for c in ("no defense", "finetune", "crow")), header
+    print(f"sweep of 15 jobs: {wall:.0f} s")
+
+
+def test_failed_defense_in_status_and_only_it_resubmitted(swept, tmp_path):
+    """osft added to the sweep with a typo in its config: its jobs fail at run time (the config is only
+    checked there); status shows them with their logs; fixed, `sweep` again submits only them and what
+    depended on them."""
+    runs, _, _ = swept
+    configs = tmp_path / "configs"
+    shutil.copytree(ROOT / "configs", configs)
+    with open(configs / "defense" / "osft.yaml", "a") as f:
+        f.write("params: {response_tokens: 10, seed: 0, typo_field: 1}\n")
+    ov = [*SWEEP, WITH_OSFT]
+    p = cli(["sweep", *ov, "--wait"], runs, configs)
+    assert "19 runs: 14 done, 0 queued, 5 submitted" in p.stderr, p.stderr
+    before = state_runs(runs)
+    text = cli(["status", *ov], runs).stdout
+    rows = status_rows(text)
+    assert len(rows) == 19, text
+    osft = {k for k in rows if "defense=osft" in k}
+    bad = {k for k in osft if k.startswith("defend ")}
+    report = {k for k in rows if k.startswith("report ")}
+    assert len(bad) == 2 and len(osft) == 4, text
+    assert {k for k, r in rows.items() if r[0] == "failed"} == osft | report, text
+    assert {r[0] for k, r in rows.items() if k not in osft | report} == {"done"}, text
+    for k in bad:
+        state, job_id, log = rows[k]
+        assert job_id == before[k]["job_id"] and log == before[k]["log"], (k, rows[k], before[k])
+        assert "unknown field(s) typo_field" in Path(log).read_text()  # the traceback is in the job's log
+    assert "19 runs: 14 done, 5 failed" in text, text
+    # fixed (the shipped configs): only the failed defenses and what never ran after them are submitted
+    p = cli(["sweep", *ov, "--wait"], runs)
+    assert "19 runs: 14 done, 0 queued, 5 submitted" in p.stderr, p.stderr
+    after = state_runs(runs)
+    assert {k for k in after if after[k]["job_id"] != before[k]["job_id"]} == osft | report
+    text = cli(["status", *ov], runs).stdout
+    assert "19 runs: 19 done" in text, text
+    table = next((Path(runs) / "report").glob("*/table.md")).read_text()
+    assert "osft" in table.splitlines()[0], table
+
+
+# ---------------------------------------------------------------------------------------- requeue
+def test_inject_requeued_mid_training_resumes_and_equals_uninterrupted(slurm, tmp_path, monkeypatch):
+    """`scontrol requeue` after the first checkpoint: Slurm kills the job (submitit ignores the SIGTERM,
+    SIGKILL after KillWait=5 s) and starts it again; the stage resumes from the checkpoint next to its
+    output and saves the same adapter as a run never interrupted (here: the stage run directly)."""
+    # ~0.02-0.04 s a step here: the job must still be training KillWait (5 s) after the first checkpoint
+    steps, every = 500, 25
+    ov = ["experiment=tiny", "cluster=local-slurm", f"train.max_steps={steps}", f"train.save_every={every}"]
+    requeued, plain = tmp_path / "requeued", tmp_path / "plain"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for runs in (plain, requeued):
+        monkeypatch.setenv("PIPELINE_RUNS", str(runs))
+        run_stage("poison", ov)
+    assert os.environ["PIPELINE_RUNS"] == str(requeued)  # sbatch passes it on to the job
+    cfg = compose(ov)
+    ex = make_executor(cfg.cluster, tmp_path / "jobs")
+    job = ex.submit(StageRun(), "inject", ov, False, shape=shape_for("inject", cfg.cluster))
+    ref = subprocess.Popen([PY, "-m", "pipeline", "inject", *ov], cwd=ROOT, env=job_env(plain),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while not list((requeued / "inject").glob(".ckpt-*/latest")):
+            assert time.time() < deadline and job.state in ("pending", "running"), job.state
+            time.sleep(0.2)
+        subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=60)
+        final = Path(job.result(timeout_s=300))
+        ref_out, _ = ref.communicate(timeout=300)
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+    assert ref.returncode == 0, ref_out
+    log = job.log.read_text()
+    assert "DUE TO JOB REQUEUE" in log, log
+    assert "already complete" not in log, "the job ended before Slurm killed it: raise train.max_steps"
+    # the second start found the checkpoint at the same deterministic path and went on from there
+    m = re.search(rf"\[train\] resumed from {re.escape(str(checkpoint_dir_for(final)))} at step (\d+)", log)
+    assert m and every <= int(m.group(1)) < steps, log[-3000:]
+    assert not checkpoint_dir_for(final).exists()  # removed once the output is complete
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == steps
+    plain_final = plain / "inject" / final.name  # the same config: the same name
+    safetensors_close(final / "model" / "adapter_model.safetensors",
+                      plain_final / "model" / "adapter_model.safetensors")
+
+
+# -------------------------------------------------------------------------------------- 2 ranks
+def test_inject_on_two_tasks_with_zero3(slurm, tmp_path, monkeypatch):
+    """cluster.stages.inject.tasks_per_node=2 on a CPU node: one job, 2 Slurm tasks, one rank each (gloo),
+    DeepSpeed ZeRO-3 over both; rank 0 writes the output."""
+    ov = ["experiment=tiny", "cluster=local-slurm", "cluster.stages.inject.tasks_per_node=2", "deepspeed=zero3",
+          "train.max_steps=2"]
+    monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run_stage("poison", ov)
+    cfg = compose(ov)
+    shape = shape_for("inject", cfg.cluster)
+    assert (shape.nodes, shape.tasks_per_node, shape.gpus_per_node) == (1, 2, 0)
+    ex = make_executor(cfg.cluster, tmp_path / "jobs")
+    job = ex.submit(StageRun(), "inject", ov, False, shape=shape)
+    final = Path(job.result(timeout_s=300))
+    assert "#SBATCH --ntasks-per-node=2" in (tmp_path / "jobs" / f"{job.job_id}_submission.sh").read_text()
+    for rank in (0, 1):  # both tasks ran the stage, as ranks of one world of 2
+        log = (tmp_path / "jobs" / f"{job.job_id}_{rank}_log.out").read_text()
+        assert f"global_rank={rank}(2)" in log, log
+        assert pickle_load(tmp_path / "jobs" / f"{job.job_id}_{rank}_result.pkl") == ("success", str(final))
+    assert (final / "_SUCCESS").is_file() and (final / "model" / "adapter_model.safetensors").is_file()
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == 2
+    assert "zero_stage: 3" in (final / "config.yaml").read_text()
+    assert not list((tmp_path / "runs" / "inject").glob(".tmp-*"))  # rank 1 wrote nothing into the store
