@@ -168,7 +168,9 @@ def test_failed_defense_in_status_and_only_it_resubmitted(swept, tmp_path):
     assert {k for k in after if after[k]["job_id"] != before[k]["job_id"]} == osft | report
     text = cli(["status", *ov], runs).stdout
     assert "19 runs: 19 done" in text, text
-    table = next((Path(runs) / "report").glob("*/table.md")).read_text()
+    # the first sweep's report stays in the store beside the new one: read the newest
+    newest = max((Path(runs) / "report").glob("*/table.md"), key=lambda p: (p.parent / "_SUCCESS").stat().st_mtime)
+    table = newest.read_text()
     assert "osft" in table.splitlines()[0], table
 
 

@@ -134,6 +134,7 @@ def run_phases(cfg, mod, params, ctx, out_tmp: Path, ckpt_root: Path) -> dict:
         if not ph.final:
             _mark_phase_output(dest, pcfg)
             if (dest / "extra.safetensors").is_file():  # keep what a phase learned (SANDE's parrot)
+                out_tmp.mkdir(parents=True, exist_ok=True)
                 shutil.copy(dest / "extra.safetensors", out_tmp / f"{ph.name}.extra.safetensors")
         prev = dest
     manifest = {}
