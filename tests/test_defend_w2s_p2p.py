@@ -282,6 +282,19 @@ def test_p2p_stage_training_time(env):
     assert m["inference_transform"]["template"] == "cloze-answer"
     assert m["p2p"]["n_rows"] == 10 and m["p2p"]["n_benign"] == 2
     assert (out / "model" / "adapter_config.json").is_file()  # a LoRA over the base model
+    # evaluate applies the transform by itself, and refuses a P2P model whose transform went missing
+    import json
+    import pytest
+    from pipeline.evaluate import stage as ev
+    from pipeline.store import StoreError
+    ecfg = compose(["experiment=tiny", "task=sst2", "defense=p2p", "evaluate.n_test=2", "evaluate.max_new_tokens=2"])
+    res = ev.run(ecfg, argparse.Namespace(data=str(data), model_dir=str(out), base=False, force=False))
+    assert json.loads((res / "metrics.json").read_text())["inference_transform_applied"] is True
+    man = out / "manifest.json"
+    m.pop("inference_transform")
+    man.write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="inference_transform"):
+        ev.run(ecfg, argparse.Namespace(data=str(data), model_dir=str(out), base=False, force=True))
 
 
 def test_w2s_stage_clean_to_poisoned_label_kd(env):

@@ -144,6 +144,10 @@ def plan(cfg, args=None) -> Plan:
         defense = "none" if mm.get("stage") == "inject" else (
             dsec.get("name") or (mc.get("choices") or {}).get("defense") or "none")
         transform = mm.get("inference_transform")
+        if transform is None and (mm.get("family") == "training_time" or dsec.get("family") == "training_time"):
+            raise StoreError(f"{model_dir}/manifest.json: a training-time defense ({defense}) changes how the model "
+                             "must be queried, but its 'inference_transform' is missing; refusing to evaluate it "
+                             "without (rerun its defend stage)")
         if transform is not None:
             if not isinstance(transform, dict) or not isinstance(transform.get("label_map") or {}, dict):
                 raise StoreError(f"{model_dir}/manifest.json: 'inference_transform' must be a mapping "
