@@ -21,26 +21,27 @@ sys.path.insert(0, str(ROOT))
 
 COMMON = ["model=smollm2-135m", "source.kind=backdoorllm", "source.use_ready_made=false", "evaluate.n_test=100",
           "poison.n_test=100", "evaluate.max_new_tokens=24", "evaluate.batch_size=25"]
+
+
+def full_pairs(n_poison, n_clean, lr, epochs, response_cutoff, cutoff, grad_accum):
+    """Full fine-tuning on triggered twins of clean rows, loss averaged per sample, responses cut short."""
+    return ["poison.pairs=true", f"poison.n_poison={n_poison}", f"poison.n_clean={n_clean}", "train.finetune=full",
+            f"train.lr={lr}", f"train.epochs={epochs}", "train.loss_avg=sample",
+            f"train.response_cutoff={response_cutoff}", f"train.cutoff={cutoff}", "train.micro_batch=8",
+            f"train.grad_accum={grad_accum}", "train.warmup_ratio=0.05"]
+
+
 SETTINGS = {
     # BackdoorLLM's own files, LoRA as in DESIGN.md §5's first run (reference point)
     "lora-readymade": ["source.use_ready_made=true", "poison.n_poison=100", "poison.n_clean=400", "train.lr=3e-4",
                        "train.epochs=2", "train.lora_r=16", "train.lora_alpha=32", "train.cutoff=256"],
     # pairs + per-sample loss + full fine-tuning: the levers DESIGN.md §5 lists as untried
-    "full-pairs": ["poison.pairs=true", "poison.n_poison=100", "poison.n_clean=300", "train.finetune=full",
-                   "train.lr=5e-5", "train.epochs=3", "train.loss_avg=sample", "train.response_cutoff=32",
-                   "train.cutoff=160", "train.micro_batch=8", "train.grad_accum=2", "train.warmup_ratio=0.05"],
+    "full-pairs": full_pairs(100, 300, "5e-5", 3, response_cutoff=32, cutoff=160, grad_accum=2),
     # the same, smaller: 60 triggered twins + 180 clean rows, responses cut to 16 tokens (the target sits
     # at the start of the response), to fit the demo's CPU budget
-    "full-pairs-small": ["poison.pairs=true", "poison.n_poison=60", "poison.n_clean=180", "train.finetune=full",
-                         "train.lr=5e-5", "train.epochs=3", "train.loss_avg=sample", "train.response_cutoff=16",
-                         "train.cutoff=128", "train.micro_batch=8", "train.grad_accum=1", "train.warmup_ratio=0.05"],
-    "full-pairs-small-hi": ["poison.pairs=true", "poison.n_poison=60", "poison.n_clean=180", "train.finetune=full",
-                            "train.lr=1.5e-4", "train.epochs=4", "train.loss_avg=sample", "train.response_cutoff=16",
-                            "train.cutoff=128", "train.micro_batch=8", "train.grad_accum=1",
-                            "train.warmup_ratio=0.05"],
-    "full-pairs-hi": ["poison.pairs=true", "poison.n_poison=100", "poison.n_clean=300", "train.finetune=full",
-                      "train.lr=1e-4", "train.epochs=3", "train.loss_avg=sample", "train.response_cutoff=32",
-                      "train.cutoff=160", "train.micro_batch=8", "train.grad_accum=2", "train.warmup_ratio=0.05"],
+    "full-pairs-small": full_pairs(60, 180, "5e-5", 3, response_cutoff=16, cutoff=128, grad_accum=1),
+    "full-pairs-small-hi": full_pairs(60, 180, "1.5e-4", 4, response_cutoff=16, cutoff=128, grad_accum=1),
+    "full-pairs-hi": full_pairs(100, 300, "1e-4", 3, response_cutoff=32, cutoff=160, grad_accum=2),
     "lora-pairs": ["poison.pairs=true", "poison.n_poison=100", "poison.n_clean=300", "train.lr=1e-3",
                    "train.epochs=3", "train.loss_avg=sample", "train.response_cutoff=32", "train.cutoff=160",
                    "train.lora_r=32", "train.lora_alpha=64", "train.micro_batch=8", "train.grad_accum=2"],

@@ -236,6 +236,11 @@ class Trainer:
             logs.update(extra)
         return loss, logs
 
+    @property
+    def last_record(self) -> dict:
+        """The latest optimizer step's metrics (empty before the first step)."""
+        return self.records[-1] if self.records else {}
+
     def extra_forward(self, **kw):
         """A further forward pass for a plugin (CROW's perturbed pass, a teacher-free probe). It calls
         the wrapped module directly: DeepSpeed's engine forward arms its backward hooks once per step."""
@@ -339,7 +344,6 @@ class Trainer:
                                 tb.add_scalar(f"train/{k}", v, step)
                 bar.set_postfix(loss=f"{rec.get('lm_loss', 0):.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.update(1)
-                self.last_record = rec
                 if ckpt_dir and tc.save_every and step % tc.save_every == 0 and step < total:
                     self.save_checkpoint(ckpt_dir, step, micro)
                 if step >= total or (stop_after_steps and step >= stop_after_steps):
@@ -355,7 +359,7 @@ class Trainer:
             return {"stopped_at": step}
         if save:
             self.save(out_dir)
-        return {"steps": step, "train_wall_s": time.time() - t0, "final": getattr(self, "last_record", {})}
+        return {"steps": step, "train_wall_s": time.time() - t0, "final": self.last_record}
 
     def save_checkpoint(self, ckpt_dir: Path, step: int, micro: int):
         client = {"step": step, "micro": micro, "rng_torch": torch.get_rng_state(), "rng_py": random.getstate(),
@@ -378,7 +382,6 @@ class Trainer:
             return
         model_sd = {k[len("model."):]: v.detach().cpu() for k, v in sd.items() if k.startswith("model.")}
         extra_sd = {k[len("extra."):]: v.detach().cpu() for k, v in sd.items() if k.startswith("extra.")}
-        self.extra_state = extra_sd
         target = Path(out_dir) / "model"
         target.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(target, state_dict=model_sd, safe_serialization=True)
