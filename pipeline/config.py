@@ -220,6 +220,8 @@ class TrainCfg:
     lora_targets: Any = "all-linear"
     grad_ckpt: bool = False
     packing: bool = False
+    compile: bool = False  # torch.compile each decoder layer (one graph reused by all); not with ZeRO-3
+    liger: bool = False  # Liger Triton kernels (RMSNorm, SwiGLU, RoPE); needs liger-kernel and a GPU
     seed: int = 42
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
     merge_lora: bool = False

@@ -2,8 +2,10 @@
 
 Predicts per-GPU and per-node host memory for a training job (ZeRO 0/1/2/3, ± CPU offload, LoRA or full
 fine-tuning, gradient checkpointing) and warns before submission when it would not fit. The activation
-term follows Korthikanti et al. (2022) for a Llama block (SwiGLU MLP, no dropout); the constants are
-checked in tests/test_plan.py against the points measured on an H100 (DESIGN.md §5).
+term follows Korthikanti et al. (2022) for a Llama block (SwiGLU MLP, no dropout); its constants are
+fitted on our trainer's peaks measured on an H100 (BENCHMARKS.md §3) and checked against them in
+tests/test_plan.py. The host term counts what ZeRO-Offload keeps in host RAM, and the plan warns when a
+node's memory (cluster.mem_gb or --host-gb) would not hold it.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def shape_for(model_cfg) -> Shape:
 
 
 def plan(shape: Shape, *, seq: int, micro: int, world: int, zero: int, offload_opt: bool, offload_params: bool,
-         lora_r: int | None, grad_ckpt: bool, bytes_per_param: int = 2) -> dict:
+         lora_r: int | None, grad_ckpt: bool, bytes_per_param: int = 2, compiled: bool = False) -> dict:
     """Per-GPU bytes by component and host bytes per node (assuming one node holds `world` ranks)."""
     N = shape.n_params
     T = shape.lora_params(lora_r) if lora_r else N
@@ -74,17 +76,18 @@ def plan(shape: Shape, *, seq: int, micro: int, world: int, zero: int, offload_o
     grads = T * bytes_per_param / shard(2)
     opt = T * 12 / shard(1)  # fp32 master + Adam m, v
     host = 0.0
-    if offload_opt:
-        host += opt * world
+    if offload_opt:  # ZeRO-Offload: fp32 master, Adam m and v, and the fp32 gradient partition, all on the host
+        host += T * 16 / shard(1) * world
         opt = 0.0
     if offload_params and zero == 3:
         host += weights * world
         weights = N * bytes_per_param * 2 / world / max(shape.layers, 1)  # a layer or two live on the GPU
     s, b, h, L = seq, micro, shape.hidden, shape.layers
     # Korthikanti's 34 s b h bytes per layer (no s^2 term with SDPA/flash) grows for a Llama block: SwiGLU
-    # keeps gate/up/act outputs, and LoRA's dropout keeps a copy of each adapted input. Fitted on the
-    # H100 no-checkpointing point (DESIGN.md §5): 44 h + 10 inter bytes per token per layer in bf16.
-    per_layer = s * b * (44 * h + 10 * shape.inter) * bytes_per_param / 2
+    # keeps gate/up/act outputs. Fitted on our trainer's H100 peaks, LoRA r16 on the Llama-2-7B shape,
+    # sequence 1024 (BENCHMARKS.md §3): 27 h + 6.5 inter bytes per token per layer in bf16 (micro-batch 8:
+    # 57.7 GiB); regional torch.compile (train.compile) keeps 22% less (micro-batch 4/6/8: 30.7/39.6/48.3).
+    per_layer = s * b * (27 * h + 6.5 * shape.inter) * bytes_per_param / 2 * (0.78 if compiled else 1.0)
     acts = (2 * s * b * h * L + per_layer) if grad_ckpt else per_layer * L
     logits = s * b * shape.vocab * (bytes_per_param + 4 + 4)  # bf16 logits, fp32 upcast and its grad
     overhead = 1.0 * GiB  # CUDA context, allocator slack, communication buffers
@@ -98,6 +101,7 @@ def add_arguments(p):
     p.add_argument("--gpu", default="h100", choices=sorted(GPU_MEM), help="GPU kind for the fit check")
     p.add_argument("--gpus", type=int, default=None, help="GPUs per node (default: cluster.gpus_per_node or 1)")
     p.add_argument("--nodes", type=int, default=None)
+    p.add_argument("--host-gb", type=float, default=None, help="host RAM per node (default: cluster.mem_gb)")
 
 
 def run(cfg, args) -> None:
@@ -109,7 +113,7 @@ def run(cfg, args) -> None:
     seq = args.seq or tc.cutoff
     r = plan(shape, seq=seq, micro=tc.micro_batch, world=world, zero=dc.zero_stage,
              offload_opt=dc.offload_optimizer, offload_params=dc.offload_params,
-             lora_r=tc.lora_r if tc.finetune == "lora" else None, grad_ckpt=tc.grad_ckpt)
+             lora_r=tc.lora_r if tc.finetune == "lora" else None, grad_ckpt=tc.grad_ckpt, compiled=tc.compile)
     cap = GPU_MEM[args.gpu] * 1e9 / GiB * GiB * 0.95 if GPU_MEM[args.gpu] else math.inf
     print(f"model {cfg.model.name}: {r['params'] / 1e9:.2f} B params, {r['trainable'] / 1e6:.1f} M trainable "
           f"({tc.finetune}); ZeRO-{dc.zero_stage}{' +offload' if dc.offload_optimizer else ''}; "
@@ -122,4 +126,9 @@ def run(cfg, args) -> None:
         print(f"WARNING: {r['total'] / GiB:.1f} GiB per GPU does not fit a {args.gpu} "
               f"({GPU_MEM[args.gpu]} GB): enable train.grad_ckpt, lower train.micro_batch, use ZeRO-3 or offload, "
               "or add GPUs", file=sys.stderr)
+    host_gb = args.host_gb or cfg.cluster.mem_gb
+    if host_gb and r["host"] > 0.9 * host_gb * 1e9:  # pinned buffers and the process itself need the rest
+        print(f"WARNING: {r['host'] / GiB:.1f} GiB of offloaded states per node does not fit {host_gb:g} GB of host "
+              "RAM with room to spare: offload fewer states (deepspeed=zero3), use LoRA, or add nodes",
+              file=sys.stderr)
     return None

@@ -157,3 +157,26 @@ def test_single_process_init_does_not_leak_its_port(monkeypatch):
     monkeypatch.delenv("MASTER_PORT", raising=False)
     init_distributed()
     assert "MASTER_PORT" not in os.environ  # children (torchrun, subprocess trainers) pick their own
+
+
+def test_compiled_layers_train_like_eager(tmp_path):
+    """train.compile (each decoder layer torch.compiled) is a speed option: same loss curve as eager."""
+    curves = []
+    for flag in ("false", "true"):
+        r = _run([str(tmp_path / flag), "--zero", "2", f"train.compile={flag}", "train.epochs=1"])
+        assert r.returncode == 0, r.stderr[-2000:]
+        curves.append(json.loads((tmp_path / flag / "result.json").read_text())["losses"])
+    assert len(curves[0]) == len(curves[1]) >= 4
+    assert curves[1] == pytest.approx(curves[0], rel=2e-3, abs=2e-3)
+
+
+def test_compile_with_zero3_and_missing_liger_are_clear_errors(tmp_path):
+    r = _run([str(tmp_path / "z3"), "--zero", "3", "train.compile=true", "train.epochs=1"])
+    assert r.returncode != 0 and "train.compile=true" in r.stderr and "zero2" in r.stderr
+    try:
+        import liger_kernel  # noqa: F401
+        pytest.skip("liger-kernel is installed here")
+    except ImportError:
+        pass
+    r = _run([str(tmp_path / "lg"), "--zero", "0", "train.liger=true", "train.epochs=1"])
+    assert r.returncode != 0 and "liger-kernel" in r.stderr

@@ -90,11 +90,44 @@ def deepspeed_config(tc, dc, world: int, cuda: bool) -> dict:
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
-    if cuda:  # DeepSpeed's fused (GPU) or CPU Adam; on CPU-only hosts a client torch AdamW is used
-        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": tc.lr, "betas": list(tc.betas), "eps": 1e-8,
-                                                        "weight_decay": tc.weight_decay}}
+    # No "optimizer" entry: the trainer passes a client torch AdamW (fused on CUDA), so no DeepSpeed op is
+    # compiled at start-up (FusedAdam/CPUAdam JIT builds need nvcc/ninja and minutes). To use DeepSpeed's own,
+    # set deepspeed.extra.optimizer (it then takes precedence).
     _deep_update(cfg, dc.extra)
     return cfg
+
+
+def make_optimizer(params, tc, fused: bool):
+    """torch AdamW; its fused kernel on CUDA (one launch for all tensors; also runs on ZeRO's offloaded
+    fp32 partitions on the host)."""
+    kw = dict(lr=tc.lr, betas=tuple(tc.betas), eps=1e-8, weight_decay=tc.weight_decay)
+    if fused:
+        try:
+            return torch.optim.AdamW(params, fused=True, **kw)
+        except (RuntimeError, ValueError):  # a dtype/device the fused kernel does not take
+            pass
+    return torch.optim.AdamW(params, **kw)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's stack of transformer blocks (through PEFT wrappers): the one ModuleList as long as
+    config.num_hidden_layers."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) == n and n:
+            return m
+    raise ValueError(f"train.compile: no list of {n} decoder layers found in {type(model).__name__}")
+
+
+def apply_liger(model):
+    """Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) patched into this model instance; the loss stays ours."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as e:
+        raise RuntimeError("train.liger=true needs the liger-kernel package and Triton on a GPU "
+                           f"(pip install liger-kernel): {e}") from e
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
 
 
 def _deep_update(d: dict, u: dict):
@@ -141,20 +174,23 @@ class Trainer:
         if self.dc.zero_stage == 3:  # let from_pretrained partition weights as they load (zero.Init)
             from transformers.integrations import HfDeepSpeedConfig
             self._hf_ds = HfDeepSpeedConfig(deepspeed_config(tc, self.dc, self.world, self.cuda))
+        resume_adapter = False
         if self._given[0] is not None:
             model, tok = self._given
         elif self.init_from is not None:
             model, tok, _ = load_trained(self.init_from, device="cpu")
-            if hasattr(model, "peft_config"):  # continue the adapter
-                for n, p in model.named_parameters():
-                    p.requires_grad_("lora_" in n)
-                self.peft = True
-                self.model, self.tok = model, tok
-                return
+            resume_adapter = hasattr(model, "peft_config")  # continue the adapter
         else:
             model, tok = load_model(self.cfg.model, device="cpu", dtype=dtype)
-        self.peft = tc.finetune == "lora"
-        if self.peft:
+        if tc.liger:
+            apply_liger(model.get_base_model() if resume_adapter else model)
+        if resume_adapter:
+            for n, p in model.named_parameters():
+                p.requires_grad_("lora_" in n)
+            self.peft = True
+        else:
+            self.peft = tc.finetune == "lora"
+        if self.peft and not resume_adapter:
             from peft import LoraConfig, get_peft_model
             targets = tc.lora_targets
             lcfg = LoraConfig(r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
@@ -165,6 +201,12 @@ class Trainer:
             if self.peft:
                 model.enable_input_require_grads()
         model.config.use_cache = False
+        if tc.compile:
+            if self.dc.zero_stage == 3:
+                raise ValueError("train.compile=true: ZeRO-3 gathers parameters in hooks that a compiled "
+                                 "layer would trace; use deepspeed=zero2 or train.compile=false")
+            for layer in decoder_layers(model):  # regional: every layer reuses one compiled graph
+                layer.compile()
         self.model, self.tok = model, tok
 
     # ------------------------------------------------------------------------------------ data
@@ -275,7 +317,7 @@ class Trainer:
             raise ValueError("nothing to train: every parameter is frozen")
         opt = None
         if "optimizer" not in dsc:
-            opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+            opt = make_optimizer(params, tc, fused=self.cuda)
         sched = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(total, tc.warmup_ratio, tc.schedule))  # noqa: E731
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module, model_parameters=params if opt is None else None, optimizer=opt,
