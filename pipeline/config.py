@@ -506,8 +506,21 @@ def compose(overrides: list[str] | None = None, experiment: str | None = None) -
         raw.setdefault(s, {})
         where.setdefault(s, str(exp_path))
         sections[s] = build_section(s, raw[s], where)
-        raw[s] = dataclasses.asdict(sections[s])
+        raw[s] = plain_section(s, sections[s])
     return Config(raw=raw, choices=choices, **sections)
+
+
+# Speed-only options: they do not change what a stage produces, so at their defaults they are left out of
+# the resolved config (and of the output key), and outputs made before they existed stay valid.
+SPEED_ONLY = {"train": {"compile": False, "liger": False}}
+
+
+def plain_section(section: str, obj) -> dict:
+    d = dataclasses.asdict(obj)
+    for k, default in SPEED_ONLY.get(section, {}).items():
+        if d.get(k) == default:
+            d.pop(k)
+    return d
 
 
 def from_dict(data: dict) -> Config:
@@ -516,7 +529,7 @@ def from_dict(data: dict) -> Config:
     choices = data.pop("choices", {})
     where = {s: "config.yaml" for s in SECTION_SCHEMAS}
     sections = {s: build_section(s, data.get(s, {}), where) for s in SECTION_SCHEMAS}
-    raw = {s: dataclasses.asdict(v) for s, v in sections.items()}
+    raw = {s: plain_section(s, v) for s, v in sections.items()}
     return Config(raw=raw, choices=choices, **sections)
 
 

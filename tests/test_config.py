@@ -276,3 +276,11 @@ def test_experiment_extends_another(tmp_path, monkeypatch):
     (root / "experiment" / "loop.yaml").write_text("extends: loop\n")
     with pytest.raises(ConfigError, match="loops"):
         compose(["experiment=loop"])
+
+
+def test_speed_only_options_stay_out_of_the_output_key():
+    """train.compile / train.liger do not change what a stage produces: at their defaults they are not in the
+    resolved config (so outputs made before they existed keep their keys); set, they are recorded."""
+    from pipeline.config import compose
+    assert "compile" not in compose(["experiment=tiny"]).raw["train"]
+    assert compose(["experiment=tiny", "train.compile=true"]).raw["train"]["compile"] is True

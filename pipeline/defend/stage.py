@@ -84,13 +84,13 @@ def _rows(data: Path, split: str) -> list[dict]:
 # Settings of `train` (the inject recipe) that a defense inherits: the sequence shape and run mechanics,
 # not the recipe (lr, epochs, loss averaging, response cutoff, full vs LoRA), which `defense.train` sets.
 INHERITED = ("cutoff", "grad_ckpt", "packing", "seed", "save_every", "log_every", "tensorboard", "max_steps",
-             "lora_targets")
+             "lora_targets", "compile", "liger")
 
 
 def defense_train(cfg) -> dict:
     """The defense's training settings: defaults <- inherited keys of `train` <- `defense.train`."""
-    from ..config import TrainCfg
-    base = dataclasses.asdict(TrainCfg())
+    from ..config import TrainCfg, plain_section
+    base = plain_section("train", TrainCfg())
     base.update({k: cfg.raw["train"][k] for k in INHERITED if k in cfg.raw["train"]})
     base.update(cfg.defense.train)
     return base
@@ -106,7 +106,7 @@ def phase_config(cfg, phase):
         data.setdefault("name", phase.model)
         new = dataclasses.replace(new, model=compose_model(data))
         new.raw = {**new.raw, "model": dataclasses.asdict(new.model)}
-    new.raw = {**new.raw, "train": dataclasses.asdict(new.train)}
+    new.raw = {**new.raw, "train": plain_section("train", new.train)}
     return new
 
 
