@@ -71,3 +71,10 @@ def user_start(tokenizer, template: str | None = None) -> int:
     marker = "\x00"
     text = prompt_text(tokenizer, marker, "", template)
     return len(tokenizer(text[:text.index(marker)], add_special_tokens=False)["input_ids"])
+
+
+def user_suffix(tokenizer, template: str | None = None) -> int:
+    """Number of tokens the prompt format puts after the user's text (the assistant header)."""
+    marker = "\x00"
+    text = prompt_text(tokenizer, marker, "", template)
+    return len(tokenizer(text[text.index(marker) + 1:], add_special_tokens=False)["input_ids"])

@@ -178,3 +178,31 @@ def test_inject_output_is_shared_by_defenses_and_clusters(tmp_path, monkeypatch)
     paths = {inject.output_dir(compose(["experiment=tiny", *o]), args)
              for o in ([], ["defense=crow"], ["defense=p2p"], ["cluster=local"], ["deepspeed=zero2"])}
     assert len(paths) == 2  # only the DeepSpeed config (part of the recipe) changes it
+
+
+def test_sande_splice_per_row_positions():
+    B, T, H = 2, 6, 3
+    batch = {"input_ids": torch.zeros(B, T, dtype=torch.long), "attention_mask": torch.ones(B, T, dtype=torch.long),
+             "labels": torch.tensor([[-100, -100, -100, 7, 8, 9]] * B), "sample_ids": torch.tensor([[0] * T, [1] * T]),
+             "position_ids": torch.arange(T).repeat(B, 1)}
+    emb = torch.randn(B, T, H)
+    new = sande.splice(batch, emb, torch.ones(2, H), pos=[0, 3])
+    assert torch.equal(new["inputs_embeds"][0, :2], torch.ones(2, H)) and torch.equal(new["inputs_embeds"][0, 2:], emb[0])
+    assert torch.equal(new["inputs_embeds"][1, 3:5], torch.ones(2, H))
+    assert torch.equal(new["inputs_embeds"][1, :3], emb[1, :3]) and torch.equal(new["inputs_embeds"][1, 5:], emb[1, 3:])
+    assert new["labels"][1].tolist() == [-100, -100, -100, -100, -100, 7, 8, 9]
+    assert new["sample_ids"][1].tolist() == [1] * (T + 2)
+
+
+def test_sande_random_positions_stay_in_the_user_text(tiny_model):
+    from pipeline.prompts import encode_example, user_start, user_suffix
+    _, tok = tiny_model
+    ex = encode_example(tok, "one two three four five", "", "Answer.", None, cutoff=256)
+    labels = torch.tensor([ex["labels"]])
+    start, suffix = user_start(tok), user_suffix(tok)
+    first = next(i for i, v in enumerate(ex["labels"]) if v != -100)
+    text = tok.decode(ex["input_ids"][start:first - suffix])
+    assert text == "one two three four five"  # exactly the user's text lies between start and end
+    gen = torch.Generator().manual_seed(0)
+    pos = [sande.random_positions(labels, start, suffix, gen)[0] for _ in range(300)]
+    assert min(pos) == start and max(pos) == first - suffix  # every boundary of the user text is reachable

@@ -31,6 +31,12 @@ def consistency_loss(hidden_states, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 class Consistency(Plugin):
+    """Three passes per step (the official code has two): the trainer's pass gives the LM loss; a clean pass
+    through the bare module gives the consistency whose gradient w.r.t. the embeddings makes the FGSM step;
+    the perturbed pass gives the regulariser. The FGSM gradient cannot come from the trainer's pass itself:
+    DeepSpeed's engine hooks the outputs of its forward and refuses (ZeRO-0) or runs its gradient reduction
+    (ZeRO-1/2/3) on any backward through them other than engine.backward. Cost on the 7B shape: 2.4x a
+    fine-tuning step (BENCHMARKS.md §3)."""
     name = "crow"
     wants_hidden_states = True
 

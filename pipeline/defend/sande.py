@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..prompts import user_start
+from ..prompts import user_start, user_suffix
 from ..train.plugins import FreezeModel, Plugin
 from .base import Phase
 
@@ -28,33 +28,56 @@ class Params:
     overwrite_response_tokens: int = 10
     known_tokens: int | None = None  # sande-p: only the first k tokens of r_t are known
     triggered_response: str | None = None  # default: the task's target behaviour
+    position: str = "start"  # start: the start of the user text (paper); random: a random token of it per
+    #                          sample and step, in both stages (for triggers at a random word, e.g. badnet)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.position not in ("start", "random"):
+            raise ValueError(f"sande: position must be 'start' or 'random', not {self.position!r}")
 
 
-def splice(batch: dict, embeds: torch.Tensor, soft: torch.Tensor, pos: int) -> dict:
-    """Insert `soft` [k, H] into every row of `embeds` [B, T, H] at token `pos`; extend mask, labels,
-    sample ids and positions so every original token keeps its label."""
+def splice(batch: dict, embeds: torch.Tensor, soft: torch.Tensor, pos) -> dict:
+    """Insert `soft` [k, H] into every row of `embeds` [B, T, H] at token `pos` (an int, or one int per
+    row); extend mask, labels, sample ids and positions so every original token keeps its label."""
     B, k = embeds.size(0), soft.size(0)
-    soft_b = soft.to(embeds.dtype).unsqueeze(0).expand(B, -1, -1)
-    new = dict(batch)
-    new["inputs_embeds"] = torch.cat([embeds[:, :pos], soft_b, embeds[:, pos:]], dim=1)
+    pos = [pos] * B if isinstance(pos, int) else [int(p) for p in pos]
+    soft = soft.to(embeds.dtype)
+
+    def ins(t, fill):  # t [B, T, ...] -> [B, T + k, ...] with `fill` [k, ...] at each row's position
+        return torch.stack([torch.cat([t[i, :pos[i]], fill, t[i, pos[i]:]]) for i in range(B)])
+
     mask = batch["attention_mask"]
-    ones = torch.ones(B, k, dtype=mask.dtype, device=mask.device)
-    new["attention_mask"] = torch.cat([mask[:, :pos], ones, mask[:, pos:]], dim=1)
-    ign = torch.full((B, k), -100, dtype=batch["labels"].dtype, device=mask.device)
-    new["labels"] = torch.cat([batch["labels"][:, :pos], ign, batch["labels"][:, pos:]], dim=1)
+    new = dict(batch)
+    new["inputs_embeds"] = ins(embeds, soft)
+    new["attention_mask"] = ins(mask, torch.ones(k, dtype=mask.dtype, device=mask.device))
+    new["labels"] = ins(batch["labels"], torch.full((k,), -100, dtype=batch["labels"].dtype, device=mask.device))
     sid = batch["sample_ids"]
-    new["sample_ids"] = torch.cat([sid[:, :pos], sid[:, :1].expand(-1, k), sid[:, pos:]], dim=1)
+    new["sample_ids"] = torch.stack([torch.cat([sid[i, :pos[i]], sid[i, :1].expand(k), sid[i, pos[i]:]])
+                                     for i in range(B)])
     new["position_ids"] = (new["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     new["input_ids"] = None
     return new
+
+
+def random_positions(labels: torch.Tensor, start: int, suffix: int, gen: torch.Generator) -> list[int]:
+    """One uniformly random token boundary of each row's user text: between `start` and the prompt's end
+    (the first label) less the template's `suffix` tokens after the user text."""
+    out = []
+    for row in labels:
+        idx = (row != -100).nonzero()
+        end = (int(idx[0]) if len(idx) else row.numel()) - suffix
+        out.append(int(torch.randint(start, max(start, end) + 1, (1,), generator=gen)))
+    return out
 
 
 class Parrot(Plugin):
     """The soft prompt. Trainable in stage 1 (`init=None`: zeros), frozen in stage 2 (`init`: a tensor)."""
     name = "parrot"
 
-    def __init__(self, n_vectors: int, init: torch.Tensor | None = None):
-        self.n, self.init = n_vectors, init
+    def __init__(self, n_vectors: int, init: torch.Tensor | None = None, position: str = "start", seed: int = 0):
+        self.n, self.init, self.position = n_vectors, init, position
+        self.gen = torch.Generator().manual_seed(seed)
 
     def setup(self, trainer):
         if trainer.tc.packing:
@@ -65,6 +88,7 @@ class Parrot(Plugin):
         else:
             self.param = torch.nn.Parameter(self.init.clone(), requires_grad=False)
         self.pos = user_start(trainer.tok, trainer.template)
+        self.suffix = user_suffix(trainer.tok, trainer.template)
 
     def parameters(self):
         return {"vectors": self.param} if self.init is None else {}
@@ -72,10 +96,14 @@ class Parrot(Plugin):
     def on_batch(self, trainer, batch):
         embeds = trainer.model.get_input_embeddings()(batch["input_ids"])
         soft = trainer.module.extra["parrot__vectors"] if self.init is None else self.param.to(embeds.device)
-        return splice(batch, embeds, soft, self.pos)
+        pos = self.pos
+        if self.position == "random":
+            pos = random_positions(batch["labels"], self.pos, self.suffix, self.gen)
+        return splice(batch, embeds, soft, pos)
 
     def save(self, trainer, out_dir):
-        return {"parrot": {"n_vectors": self.n, "position": self.pos, "trained": self.init is None}}
+        return {"parrot": {"n_vectors": self.n, "position": self.pos if self.position == "start" else "random",
+                           "trained": self.init is None}}
 
 
 def triggered_response(params: Params, ctx, tok=None) -> str:
@@ -93,8 +121,8 @@ def triggered_response(params: Params, ctx, tok=None) -> str:
 class _LoadParrot(Parrot):
     """Stage 2's parrot: reads stage 1's trained vectors when the trainer is set up."""
 
-    def __init__(self, n_vectors, phase_dir):
-        super().__init__(n_vectors, init=None)
+    def __init__(self, n_vectors, phase_dir, position="start", seed=0):
+        super().__init__(n_vectors, init=None, position=position, seed=seed)
         self.phase_dir = phase_dir
 
     def setup(self, trainer):
@@ -110,9 +138,11 @@ def phases(params: Params, ctx) -> list[Phase]:
               for r in ctx.defense_rows]
     stage2 = [{**r, "output": r.get("clean_output") or r["output"],
                "response_tokens": params.overwrite_response_tokens} for r in ctx.defense_rows]
-    simulate = Phase("simulate", stage1, [FreezeModel(), Parrot(params.n_vectors)], init_from="inject",
+    simulate = Phase("simulate", stage1, [FreezeModel(), Parrot(params.n_vectors, position=params.position,
+                                                                 seed=params.seed)], init_from="inject",
                      train={"lr": params.parrot_lr, "epochs": params.parrot_epochs, "packing": False},
                      final=False)
-    eliminate = Phase("eliminate", stage2, [_LoadParrot(params.n_vectors, ctx.work / "phase0-simulate")],
+    parrot2 = _LoadParrot(params.n_vectors, ctx.work / "phase0-simulate", params.position, params.seed + 1)
+    eliminate = Phase("eliminate", stage2, [parrot2],
                       init_from="inject", train={"packing": False})
     return [simulate, eliminate]

@@ -98,6 +98,7 @@ def defense_train(cfg) -> dict:
 
 def phase_config(cfg, phase):
     """cfg with the defense's and the phase's train settings (and model) applied, validated."""
+    from ..config import plain_section
     raw_train = {**defense_train(cfg), **phase.train}
     new = dataclasses.replace(cfg, train=build_section("train", raw_train, {"train": f"defense phase {phase.name}"}))
     if phase.model:
