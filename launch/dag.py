@@ -224,7 +224,13 @@ def run(cfg, args) -> Path:
     counts = {a: sum(v == a for v in actions.values()) for a in ("done", "queued", "submitted")}
     print(f"[sweep] {len(runs)} runs: " + ", ".join(f"{n} {a}" for a, n in counts.items()), file=sys.stderr)
     if getattr(args, "wait", False) or executor.kind == "local":  # local jobs are children of this process
+        failed = []
         for key, a in actions.items():
             if a == "submitted":
-                executor.job(state.runs[key]["job_id"]).wait()
+                job = executor.job(state.runs[key]["job_id"])
+                if job.wait() != "done":
+                    failed.append(f"  {key} (log: {getattr(job, 'log', '?')})")
+        if failed:
+            raise SystemExit(f"[sweep] {len(failed)} run(s) did not finish:\n" + "\n".join(failed)
+                             + "\nfix the cause, then run the same sweep again: complete outputs are reused")
     return state.path

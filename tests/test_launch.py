@@ -357,3 +357,14 @@ def test_cli_sweep_dry_run_and_status(tmp_path, monkeypatch, capsys):
     assert main(["status", "experiment=tiny", "sweep.defenses=[none]"]) == 0
     out = capsys.readouterr().out
     assert "4 runs: 4 new" in out
+
+
+def test_cli_sweep_wait_exits_nonzero_and_names_a_failed_run(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+    monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(dag, "PipelineStages", lambda: FakeStages(tmp_path / "out", fail=["inject "]))
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "experiment=tiny", "sweep.defenses=[none]", "cluster=debug", "--wait"])
+    assert "did not finish" in str(e.value) and "inject experiment=tiny" in str(e.value)
+    # the failure was injected once: the same sweep again finishes and exits 0
+    assert main(["sweep", "experiment=tiny", "sweep.defenses=[none]", "cluster=debug", "--wait"]) == 0
