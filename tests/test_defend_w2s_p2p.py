@@ -314,3 +314,17 @@ def test_w2s_stage_clean_to_poisoned_label_kd(env):
     assert set(m["metrics"]) == {"teacher", "student"}
     assert "kd" in m["metrics"]["student"]["final"] and "teacher_aux_lm" in m["metrics"]["teacher"]["final"]
     assert not list(out.parent.glob(".work-*")) and not (out / "phase0-teacher").exists()
+
+
+def test_p2p_trains_with_the_experiments_recipe_and_p2p_paper_with_the_codes():
+    """P2P replaces the victim's fine-tuning: same recipe as the no-defense inject row, only the data differ."""
+    from pipeline.config import compose
+    from pipeline.defend.stage import defense_train
+    cfg = compose(["experiment=embedded", "task=sst2", "defense=p2p"])
+    t = defense_train(cfg)
+    assert {k: t[k] for k in ("finetune", "lr", "epochs", "micro_batch", "response_cutoff")} == \
+        {k: cfg.raw["train"][k] for k in ("finetune", "lr", "epochs", "micro_batch", "response_cutoff")}
+    paper = defense_train(compose(["experiment=embedded", "task=sst2", "defense=p2p-paper"]))
+    assert paper["finetune"] == "lora" and paper["lora_targets"] == ["q_proj", "v_proj"] and paper["epochs"] == 3
+    post = defense_train(compose(["experiment=embedded", "defense=crow"]))  # post-hoc: its own recipe
+    assert post["lr"] != cfg.raw["train"]["lr"]

@@ -24,6 +24,7 @@ REGISTRY = {  # name -> module; `defense=<name>` picks configs/defense/<name>.ya
     "w2sdefense-insent": "pipeline.defend.w2s",  # the InSent loss weights (ablation)
     "w2sdefense-syn": "pipeline.defend.w2s",  # the SynAttack loss weights (ablation)
     "p2p": "pipeline.defend.p2p",
+    "p2p-paper": "pipeline.defend.p2p",  # the official code's own LoRA recipe instead of the experiment's
     "prune": "pipeline.defend.prune",
     "quantize": "pipeline.defend.quantize",
 }
