@@ -328,3 +328,14 @@ def test_p2p_trains_with_the_experiments_recipe_and_p2p_paper_with_the_codes():
     assert paper["finetune"] == "lora" and paper["lora_targets"] == ["q_proj", "v_proj"] and paper["epochs"] == 3
     post = defense_train(compose(["experiment=embedded", "defense=crow"]))  # post-hoc: its own recipe
     assert post["lr"] != cfg.raw["train"]["lr"]
+
+
+def test_p2p_clean_only_selection_never_touches_poisoned_rows():
+    task = task_sst2()
+    rows = _rows(100)
+    t = p2p.P2PTransform(task, p2p.Params(rho=0.2, seed=0, select="clean_only"))
+    out = t.transform(rows)
+    assert len(t.chosen) == 20 and not any(rows[i]["is_poisoned"] for i in t.chosen)
+    assert sum(o["p2p_benign"] for o in out) == 20
+    with pytest.raises(ValueError, match="select"):
+        p2p.Params(select="some")

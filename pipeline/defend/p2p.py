@@ -33,10 +33,16 @@ class Params:
     output_prefix: str = "Safe answer: "  # generation tasks: the harmless prefix before the output
     label_format: str = "Safe-{label}"  # classification: the word of shifted label i + n, from label i's word
     shifted_labels: list | None = None  # explicit words for labels n..2n-1 (overrides label_format)
+    # random: any row may be re-poisoned (a defender does not know which rows carry a trigger; our default);
+    # clean_only: only rows not marked is_poisoned, as the official code's slice of the clean part does
+    # (needs knowledge no defender has: an optimistic upper bound, for comparison)
+    select: str = "random"
 
     def __post_init__(self):
         if not 0 <= self.rho <= 1:
             raise ValueError(f"rho must be in [0, 1], got {self.rho}")
+        if self.select not in ("random", "clean_only"):
+            raise ValueError(f"select must be 'random' or 'clean_only', got {self.select!r}")
         if "{label}" not in self.label_format:
             raise ValueError(f"label_format must contain '{{label}}', got {self.label_format!r}")
 
@@ -46,9 +52,15 @@ def n_chosen(rho: float, n: int) -> int:
     return int(rho * n + 0.5)
 
 
-def choose_rows(n: int, rho: float, seed: int) -> list[int]:
-    """The indices of the rows P2P replaces: round(rho * n) of range(n), uniformly at random, seeded."""
-    return sorted(random.Random(seed).sample(range(n), n_chosen(rho, n)))
+def choose_rows(n: int, rho: float, seed: int, allowed: list[int] | None = None) -> list[int]:
+    """The indices of the rows P2P replaces: round(rho * n) of range(n) (or of `allowed`, when fewer are
+    allowed: all of them), uniformly at random, seeded."""
+    pool = list(range(n)) if allowed is None else list(allowed)
+    return sorted(random.Random(seed).sample(pool, min(n_chosen(rho, n), len(pool))))
+
+
+def _poisoned(r) -> bool:
+    return str(r.get("is_poisoned", False)).lower() in ("true", "1")
 
 
 def is_classification(task) -> bool:
@@ -137,7 +149,10 @@ class P2PTransform(Plugin):
 
     def transform(self, rows):
         self.n_rows = len(rows)
-        self.chosen = choose_rows(len(rows), self.params.rho, self.params.seed)
+        allowed = None
+        if self.params.select == "clean_only":
+            allowed = [i for i, r in enumerate(rows) if not _poisoned(r)]
+        self.chosen = choose_rows(len(rows), self.params.rho, self.params.seed, allowed)
         chosen = set(self.chosen)
         out = []
         for i, r in enumerate(rows):
@@ -151,7 +166,8 @@ class P2PTransform(Plugin):
 
     def save(self, trainer, out_dir):
         return {"inference_transform": inference_transform(self.task, self.params),
-                "p2p": {"rho": self.params.rho, "seed": self.params.seed, "n_rows": self.n_rows,
+                "p2p": {"rho": self.params.rho, "seed": self.params.seed, "select": self.params.select,
+                        "n_rows": self.n_rows,
                         "n_benign": len(self.chosen)}}
 
 
