@@ -51,11 +51,11 @@ def job_env(runs, configs=None) -> dict:
     return env
 
 
-def cli(args, runs, configs=None, timeout=300) -> subprocess.CompletedProcess:
+def cli(args, runs, configs=None, timeout=300, rc=0) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` with PIPELINE_RUNS=runs (sbatch passes the environment on to the jobs)."""
     p = subprocess.run([PY, "-m", "pipeline", *args], cwd=ROOT, env=job_env(runs, configs), capture_output=True,
                        text=True, timeout=timeout)
-    assert p.returncode == 0, f"python -m pipeline {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
+    assert p.returncode == rc, f"python -m pipeline {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
     return p
 
 
@@ -144,8 +144,9 @@ def test_failed_defense_in_status_and_only_it_resubmitted(swept, tmp_path):
     with open(configs / "defense" / "osft.yaml", "a") as f:
         f.write("params: {response_tokens: 10, seed: 0, typo_field: 1}\n")
     ov = [*SWEEP, WITH_OSFT]
-    p = cli(["sweep", *ov, "--wait"], runs, configs)
+    p = cli(["sweep", *ov, "--wait"], runs, configs, rc=1)  # --wait: non-zero, naming what did not finish
     assert "19 runs: 14 done, 0 queued, 5 submitted" in p.stderr, p.stderr
+    assert "5 run(s) did not finish" in p.stderr and "defend experiment=" in p.stderr, p.stderr
     before = state_runs(runs)
     text = cli(["status", *ov], runs).stdout
     rows = status_rows(text)
