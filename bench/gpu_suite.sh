@@ -5,7 +5,7 @@
 #    regional torch.compile, with Liger kernels (when liger-kernel installs), both; real BackdoorLLM rows
 #    padded vs packed; LoRA on the 13B shape.
 # 2. Each defense's training step against plain LoRA fine-tuning on the 7B shape.
-# 3. Full fine-tuning of the 7B shape with ZeRO-3 + CPU offload.
+# 3. Full fine-tuning of the 7B shape with ZeRO-3 + CPU offload (optimizer only, then weights too).
 # 4. Generation: plain `generate` vs the evaluate stage's fast path.
 # Results land in OUTDIR as JSON after every mode; the tables are printed as each part ends.
 # Wheels in .whl/ (DeepSpeed and what it needs, liger-kernel) are installed first when present.
@@ -41,7 +41,7 @@ part train 300 bench/train_throughput.py --steps 5 --warmup 2 --timeout 150 --js
   --modes hf-peft,ours-lora,ours-lora-compile,ours-lora-liger,real-padded,real-packed,ours-lora-13b
 part cost 130 bench/train_throughput.py --steps 4 --warmup 2 --timeout 60 --json "$OUT/cost.json" \
   --modes cost-finetune,cost-crow,cost-w2s,cost-sande-parrot,cost-sande-overwrite
-part full 170 bench/train_throughput.py --steps 3 --warmup 1 --timeout 165 --json "$OUT/full.json" \
-  --modes ours-full-z3off
+part full 330 bench/train_throughput.py --steps 3 --warmup 1 --timeout 165 --json "$OUT/full.json" \
+  --modes ours-full-z3opt,ours-full-z3off
 part generate 300 bench/eval_throughput.py --prompts 128
 echo "[suite] done in $(( $(date +%s) - START ))s"

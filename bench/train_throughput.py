@@ -13,6 +13,7 @@ Modes (each in its own process so peak memory is its own):
     ours-lora-13b        our trainer, LoRA on the Llama-2-13B shape
     ours-full-z3off      our trainer, full fine-tuning, ZeRO-3 with optimizer and parameter CPU offload,
                          gradient checkpointing, micro-batch --full-micro
+    ours-full-z3opt      the same with only the optimizer state offloaded (deepspeed=zero3-offload-opt)
     real-padded, real-packed   LoRA on BackdoorLLM rows (--data: a folder of its train JSON files and a
                          tokenizer folder `tok`), padded micro-batches of --micro rows vs packed rows of
                          --seq tokens; tokens/s counts non-padding tokens only
@@ -117,7 +118,7 @@ def run_ours(a, finetune: str, zero: int, offload: bool, shape: str, overrides=(
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     micro, seq = micro or a.micro, seq or a.seq
-    ds = {0: "zero0", 2: "zero2", 3: "zero3-offload" if offload else "zero3"}[zero]
+    ds = {0: "zero0", 2: "zero2", 3: {True: "zero3-offload", False: "zero3", "opt": "zero3-offload-opt"}[offload]}[zero]
     cfg = compose(["experiment=tiny", f"deepspeed={ds}", f"train.finetune={finetune}", "train.lora_r=16",
                    "train.lora_alpha=16", "train.lora_dropout=0.0", f"train.micro_batch={micro}",
                    "train.grad_accum=1", f"train.cutoff={seq}", f"train.max_steps={a.steps + a.warmup}",
@@ -185,6 +186,9 @@ def one(a):
     elif mode == "ours-full-z3off":
         a.grad_ckpt = True
         r = run_ours(a, "full", 3, True, a.shape, micro=a.full_micro)
+    elif mode == "ours-full-z3opt":  # only the optimizer state on the host: fits a 128 GB node (plan)
+        a.grad_ckpt = True
+        r = run_ours(a, "full", 3, "opt", a.shape, micro=a.full_micro)
     elif mode == "ours-lora-13b":
         r = run_ours(a, "lora", 2, False, "tiny" if a.shape == "tiny" else "13b")
     elif mode in ("real-padded", "real-packed"):

@@ -39,6 +39,11 @@ def test_full_7b_offload_does_not_fit_a_128gb_host():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "host" in r.stderr and "does not fit" in r.stderr
+    # offloading only the optimizer state (weights and gradients stay on the GPU) fits both
+    r = subprocess.run([sys.executable, "-m", "pipeline", "plan", "model=llama2-7b", "train.finetune=full",
+                        "deepspeed=zero3-offload-opt", "train.grad_ckpt=true", "train.micro_batch=4", "--seq", "1024",
+                        "--host-gb", "128", "--gpu", "h100"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "WARNING" not in r.stderr, r.stderr
 
 
 def test_zero_sharding_and_offload_reduce_gpu_memory():
