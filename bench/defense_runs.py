@@ -1,0 +1,75 @@
+"""Every evaluate output of an experiment, one row each, with the settings it ran under: what the report
+keeps only the latest of (one cell per defense name), listed in full: tuned variants, both P2P selections.
+
+    python bench/defense_runs.py                  # experiment=demo
+    python bench/defense_runs.py defense-grid     # another experiment
+A variant's settings are what its defend config changed from configs/defense/<name>.yaml (params and
+train); the defense's wall time is the defend stage's.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def changed(defense: dict, name: str) -> str:
+    """`key=value` for each params/train entry that differs from the shipped defense config."""
+    f = ROOT / "configs" / "defense" / f"{name}.yaml"
+    base = yaml.safe_load(f.read_text()) if f.is_file() else {}
+    out = []
+    for sec in ("params", "train"):
+        ref = base.get(sec) or {}
+        for k, v in sorted((defense.get(sec) or {}).items()):
+            if k in ref and ref[k] != v or k not in ref and v not in (None, "start", "random", 0, False):
+                out.append(f"{sec}.{k}={v}")
+    return ", ".join(out) or "as shipped"
+
+
+def ci(m, k) -> str:
+    lo, hi = m.get(f"{k}_ci") or (None, None)
+    return "–" if m.get(k) is None else f"{m[k]:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def rows(experiment: str) -> list[dict]:
+    from pipeline import store
+    out = []
+    for d in sorted((store.runs_root() / "evaluate").iterdir()):
+        if not (store.is_complete(d) and (d / "metrics.json").is_file()):
+            continue
+        m = json.loads((d / "metrics.json").read_text())
+        if m.get("experiment") != experiment:
+            continue
+        setting, wall = "–", None
+        mdir = Path(m.get("model_dir") or "")
+        if m["defense"] not in ("none", "base") and (mdir / "config.yaml").is_file():
+            setting = changed(yaml.safe_load((mdir / "config.yaml").read_text())["defense"], m["defense"])
+            wall = store.read_manifest(mdir).get("wall_s")
+        out.append({"task": m["task"], "attack": m["attack"], "defense": m["defense"], "setting": setting,
+                    "asr": ci(m, "asr"), "ftr": ci(m, "ftr"), "clean": f"{m['clean_metric']} {m['clean_value']:.3f}",
+                    "defense_s": "–" if wall is None else f"{wall:,.0f}", "eval": d.name})
+    order = {"none": 0, "base": 2}
+    return sorted(out, key=lambda r: (r["task"], r["attack"], order.get(r["defense"], 1), r["defense"], r["setting"]))
+
+
+def main(argv):
+    exp = argv[0] if argv else "demo"
+    rs = rows(exp)
+    if not rs:
+        print(f"no complete evaluate outputs for experiment '{exp}'")
+        return 1
+    print("| task / attack | defense | setting | ASR [95% CI] | FTR [95% CI] | clean | defense s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rs:
+        print(f"| {r['task']} / {r['attack']} | {r['defense']} | {r['setting']} | {r['asr']} | {r['ftr']} | "
+              f"{r['clean']} | {r['defense_s']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
