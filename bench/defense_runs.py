@@ -20,13 +20,20 @@ sys.path.insert(0, str(ROOT))
 
 def changed(defense: dict, name: str) -> str:
     """`key=value` for each params/train entry that differs from the shipped defense config."""
+    import dataclasses
+    import importlib
+    from pipeline.defend.base import REGISTRY
     f = ROOT / "configs" / "defense" / f"{name}.yaml"
     base = yaml.safe_load(f.read_text()) if f.is_file() else {}
+    params = {}
+    if name in REGISTRY:  # what a key missing from the YAML defaults to
+        cls = importlib.import_module(REGISTRY[name]).Params
+        params = {x.name: x.default for x in dataclasses.fields(cls) if x.default is not dataclasses.MISSING}
     out = []
     for sec in ("params", "train"):
-        ref = base.get(sec) or {}
+        ref = {**(params if sec == "params" else {}), **(base.get(sec) or {})}
         for k, v in sorted((defense.get(sec) or {}).items()):
-            if k in ref and ref[k] != v or k not in ref and v not in (None, "start", "random", 0, False):
+            if k not in ref or ref[k] != v:
                 out.append(f"{sec}.{k}={v}")
     return ", ".join(out) or "as shipped"
 
