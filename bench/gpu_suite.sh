@@ -8,7 +8,10 @@
 # 3. Full fine-tuning of the 7B shape with ZeRO-3 + CPU offload (optimizer only, then weights too).
 # 4. Generation: plain `generate` vs the evaluate stage's fast path.
 # Results land in OUTDIR as JSON after every mode; the tables are printed as each part ends.
-# Wheels in .whl/ (DeepSpeed and what it needs, liger-kernel) are installed first when present.
+# Wheels in .whl/ (DeepSpeed and what it needs, liger-kernel) are installed first when present: for a GPU
+# machine without a package index, `pip download`/`pip wheel` them elsewhere into .whl/. The real-data modes
+# read .benchdata/: BackdoorLLM training JSON files (e.g. ../shared/data/backdoorllm/train/*/badnet/*.json)
+# and a tokenizer folder .benchdata/tok (tokenizer.json, tokenizer_config.json, chat template).
 set -u
 OUT=${1:?usage: bash bench/gpu_suite.sh OUTDIR [BUDGET_SECONDS]}
 BUDGET=${2:-3000}
