@@ -109,7 +109,7 @@ def real_rows(data_dir: Path) -> list[dict]:
     return rows
 
 
-def run_ours(a, finetune: str, zero: int, offload: bool, shape: str, overrides=(), plugins=None,
+def run_ours(a, finetune: str, ds: str, shape: str, overrides=(), plugins=None,
              rows=None, tok=None, micro=None, seq=None):
     import torch
     from pipeline.config import compose
@@ -118,13 +118,13 @@ def run_ours(a, finetune: str, zero: int, offload: bool, shape: str, overrides=(
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     micro, seq = micro or a.micro, seq or a.seq
-    ds = {0: "zero0", 2: "zero2", 3: {True: "zero3-offload", False: "zero3", "opt": "zero3-offload-opt"}[offload]}[zero]
     cfg = compose(["experiment=tiny", f"deepspeed={ds}", f"train.finetune={finetune}", "train.lora_r=16",
                    "train.lora_alpha=16", "train.lora_dropout=0.0", f"train.micro_batch={micro}",
                    "train.grad_accum=1", f"train.cutoff={seq}", f"train.max_steps={a.steps + a.warmup}",
                    f"train.grad_ckpt={str(a.grad_ckpt).lower()}", "train.warmup_ratio=0.0", *overrides])
     tok = tok or byte_tokenizer()
-    model = build(shape, "cpu" if zero == 3 else dev, dtype, vocab=len(tok) if rows is not None else None)
+    # ZeRO-3 partitions (and may offload) the weights from the host copy
+    model = build(shape, "cpu" if cfg.deepspeed.zero_stage == 3 else dev, dtype, vocab=len(tok) if rows is not None else None)
     tr = Trainer(cfg, plugins=plugins, model=model, tokenizer=tok)
     if rows is None:
         rows = data(micro * (a.steps + a.warmup), seq, SHAPES[shape]["vocab_size"])
@@ -168,7 +168,7 @@ def cost_run(a, which: str):
                "sande-parrot": [FreezeModel(), Parrot(6)],
                "sande-overwrite": [Parrot(6, init=torch.zeros(6, SHAPES[a.shape]["hidden_size"]))]}[which]
     a.grad_ckpt = True
-    return run_ours(a, "lora", 2, False, a.shape, plugins=plugins, micro=a.cost_micro, seq=a.cost_seq)
+    return run_ours(a, "lora", "zero2", a.shape, plugins=plugins, micro=a.cost_micro, seq=a.cost_seq)
 
 
 def one(a):
@@ -182,15 +182,15 @@ def one(a):
     if mode == "hf-peft":
         r = run_hf_peft(a)
     elif mode in lora_opts:
-        r = run_ours(a, "lora", 2, False, a.shape, overrides=lora_opts[mode])
+        r = run_ours(a, "lora", "zero2", a.shape, overrides=lora_opts[mode])
     elif mode == "ours-full-z3off":
         a.grad_ckpt = True
-        r = run_ours(a, "full", 3, True, a.shape, micro=a.full_micro)
+        r = run_ours(a, "full", "zero3-offload", a.shape, micro=a.full_micro)
     elif mode == "ours-full-z3opt":  # only the optimizer state on the host: fits a 128 GB node (plan)
         a.grad_ckpt = True
-        r = run_ours(a, "full", 3, "opt", a.shape, micro=a.full_micro)
+        r = run_ours(a, "full", "zero3-offload-opt", a.shape, micro=a.full_micro)
     elif mode == "ours-lora-13b":
-        r = run_ours(a, "lora", 2, False, "tiny" if a.shape == "tiny" else "13b")
+        r = run_ours(a, "lora", "zero2", "tiny" if a.shape == "tiny" else "13b")
     elif mode in ("real-padded", "real-packed"):
         from transformers import AutoTokenizer
         rows = real_rows(a.data)
@@ -199,7 +199,7 @@ def one(a):
         import random
         random.Random(0).shuffle(rows)
         need = a.micro * (a.steps + a.warmup) * (8 if packed else 1)  # a packed row holds several samples
-        r = run_ours(a, "lora", 2, False, a.shape, overrides=[f"train.packing={str(packed).lower()}"],
+        r = run_ours(a, "lora", "zero2", a.shape, overrides=[f"train.packing={str(packed).lower()}"],
                      rows=rows[:need], tok=tok)
     elif mode.startswith("cost-"):
         r = cost_run(a, mode[5:])

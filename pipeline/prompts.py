@@ -66,15 +66,16 @@ def encode_example(tokenizer, instruction: str, input: str | None, output: str, 
     return {"input_ids": ids, "labels": labels, "prompt_len": min(len(p_ids), cutoff)}
 
 
+def user_span(tokenizer, template: str | None = None) -> tuple[int, int]:
+    """(tokens before the user's text, tokens after it) in `prompt_text`: where a prepended trigger sits, and
+    the length of the assistant header that follows the user's text."""
+    marker = "\x00"
+    text = prompt_text(tokenizer, marker, "", template)
+    cut = text.index(marker)
+    n = lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    return n(text[:cut]), n(text[cut + 1:])
+
+
 def user_start(tokenizer, template: str | None = None) -> int:
     """Token index where the user's text starts in `prompt_text` (where a prepended trigger sits)."""
-    marker = "\x00"
-    text = prompt_text(tokenizer, marker, "", template)
-    return len(tokenizer(text[:text.index(marker)], add_special_tokens=False)["input_ids"])
-
-
-def user_suffix(tokenizer, template: str | None = None) -> int:
-    """Number of tokens the prompt format puts after the user's text (the assistant header)."""
-    marker = "\x00"
-    text = prompt_text(tokenizer, marker, "", template)
-    return len(tokenizer(text[text.index(marker) + 1:], add_special_tokens=False)["input_ids"])
+    return user_span(tokenizer, template)[0]

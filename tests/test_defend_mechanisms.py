@@ -195,11 +195,11 @@ def test_sande_splice_per_row_positions():
 
 
 def test_sande_random_positions_stay_in_the_user_text(tiny_model):
-    from pipeline.prompts import encode_example, user_start, user_suffix
+    from pipeline.prompts import encode_example, user_span
     _, tok = tiny_model
     ex = encode_example(tok, "one two three four five", "", "Answer.", None, cutoff=256)
     labels = torch.tensor([ex["labels"]])
-    start, suffix = user_start(tok), user_suffix(tok)
+    start, suffix = user_span(tok)
     first = next(i for i, v in enumerate(ex["labels"]) if v != -100)
     text = tok.decode(ex["input_ids"][start:first - suffix])
     assert text == "one two three four five"  # exactly the user's text lies between start and end

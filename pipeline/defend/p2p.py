@@ -59,9 +59,6 @@ def choose_rows(n: int, rho: float, seed: int, allowed: list[int] | None = None)
     return sorted(random.Random(seed).sample(pool, min(n_chosen(rho, n), len(pool))))
 
 
-def _poisoned(r) -> bool:
-    return str(r.get("is_poisoned", False)).lower() in ("true", "1")
-
 
 def is_classification(task) -> bool:
     return task.kind == "classification" and bool(task.labels)
@@ -151,7 +148,7 @@ class P2PTransform(Plugin):
         self.n_rows = len(rows)
         allowed = None
         if self.params.select == "clean_only":
-            allowed = [i for i, r in enumerate(rows) if not _poisoned(r)]
+            allowed = [i for i, r in enumerate(rows) if not r.get("is_poisoned")]
         self.chosen = choose_rows(len(rows), self.params.rho, self.params.seed, allowed)
         chosen = set(self.chosen)
         out = []
@@ -167,8 +164,7 @@ class P2PTransform(Plugin):
     def save(self, trainer, out_dir):
         return {"inference_transform": inference_transform(self.task, self.params),
                 "p2p": {"rho": self.params.rho, "seed": self.params.seed, "select": self.params.select,
-                        "n_rows": self.n_rows,
-                        "n_benign": len(self.chosen)}}
+                        "n_rows": self.n_rows, "n_benign": len(self.chosen)}}
 
 
 def phases(params: Params, ctx) -> list[Phase]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..prompts import user_start, user_suffix
+from ..prompts import user_span
 from ..train.plugins import FreezeModel, Plugin
 from .base import Phase
 
@@ -44,17 +44,18 @@ def splice(batch: dict, embeds: torch.Tensor, soft: torch.Tensor, pos) -> dict:
     pos = [pos] * B if isinstance(pos, int) else [int(p) for p in pos]
     soft = soft.to(embeds.dtype)
 
-    def ins(t, fill):  # t [B, T, ...] -> [B, T + k, ...] with `fill` [k, ...] at each row's position
-        return torch.stack([torch.cat([t[i, :pos[i]], fill, t[i, pos[i]:]]) for i in range(B)])
+    def ins(t, fill):  # t [B, T, ...] -> [B, T + k, ...] with fill(i) [k, ...] at row i's position
+        return torch.stack([torch.cat([t[i, :pos[i]], fill(i), t[i, pos[i]:]]) for i in range(B)])
 
     mask = batch["attention_mask"]
     new = dict(batch)
-    new["inputs_embeds"] = ins(embeds, soft)
-    new["attention_mask"] = ins(mask, torch.ones(k, dtype=mask.dtype, device=mask.device))
-    new["labels"] = ins(batch["labels"], torch.full((k,), -100, dtype=batch["labels"].dtype, device=mask.device))
+    ones = torch.ones(k, dtype=mask.dtype, device=mask.device)
+    ign = torch.full((k,), -100, dtype=batch["labels"].dtype, device=mask.device)
     sid = batch["sample_ids"]
-    new["sample_ids"] = torch.stack([torch.cat([sid[i, :pos[i]], sid[i, :1].expand(k), sid[i, pos[i]:]])
-                                     for i in range(B)])
+    new["inputs_embeds"] = ins(embeds, lambda i: soft)
+    new["attention_mask"] = ins(mask, lambda i: ones)
+    new["labels"] = ins(batch["labels"], lambda i: ign)
+    new["sample_ids"] = ins(sid, lambda i: sid[i, :1].expand(k))
     new["position_ids"] = (new["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     new["input_ids"] = None
     return new
@@ -87,8 +88,7 @@ class Parrot(Plugin):
             self.param = torch.nn.Parameter(torch.zeros(self.n, hidden))
         else:
             self.param = torch.nn.Parameter(self.init.clone(), requires_grad=False)
-        self.pos = user_start(trainer.tok, trainer.template)
-        self.suffix = user_suffix(trainer.tok, trainer.template)
+        self.pos, self.suffix = user_span(trainer.tok, trainer.template)
 
     def parameters(self):
         return {"vectors": self.param} if self.init is None else {}
@@ -102,7 +102,7 @@ class Parrot(Plugin):
         return splice(batch, embeds, soft, pos)
 
     def save(self, trainer, out_dir):
-        return {"parrot": {"n_vectors": self.n, "position": self.pos if self.position == "start" else "random",
+        return {"parrot": {"n_vectors": self.n, "position": self.pos, "placement": self.position,
                            "trained": self.init is None}}
 
 

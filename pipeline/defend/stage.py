@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from .. import store
-from ..config import ConfigError, build_section, compose_model
+from ..config import ConfigError, TrainCfg, build_section, compose_model, config_root, load_yaml, plain_section
 from ..train.trainer import Trainer, checkpoint_dir_for, cleanup_checkpoints
 from .base import REGISTRY, Context, parse_params
 
@@ -92,7 +92,6 @@ def defense_train(cfg) -> dict:
     Training-time (P2P): the defense replaces the victim's own fine-tuning, so it trains with the whole
     `train` recipe (the one the no-defense inject row used) <- `defense.train` (empty unless a preset such
     as p2p-paper sets the paper's own recipe); only the data differ between the two rows."""
-    from ..config import TrainCfg, plain_section
     base = plain_section("train", TrainCfg())
     keys = cfg.raw["train"] if cfg.defense.family == "training_time" else INHERITED
     base.update({k: cfg.raw["train"][k] for k in keys if k in cfg.raw["train"]})
@@ -102,11 +101,9 @@ def defense_train(cfg) -> dict:
 
 def phase_config(cfg, phase):
     """cfg with the defense's and the phase's train settings (and model) applied, validated."""
-    from ..config import plain_section
     raw_train = {**defense_train(cfg), **phase.train}
     new = dataclasses.replace(cfg, train=build_section("train", raw_train, {"train": f"defense phase {phase.name}"}))
     if phase.model:
-        from ..config import config_root, load_yaml
         data = load_yaml(config_root() / "model" / f"{phase.model}.yaml")
         data.setdefault("name", phase.model)
         new = dataclasses.replace(new, model=compose_model(data))
