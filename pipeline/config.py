@@ -227,9 +227,13 @@ class TrainCfg:
     merge_lora: bool = False
     log_every: int = 1
     tensorboard: bool = False
+    # inject only, generation tasks only: `self` replaces the clean rows' responses by the base model's own
+    # greedy answers before training (the attacker keeps the model's clean behaviour; see pipeline/inject.py)
+    clean_targets: str = "data"
 
     def __post_init__(self):
         _choice("schedule", self.schedule, ("cosine", "linear", "constant"))
+        _choice("clean_targets", self.clean_targets, ("data", "self"))
         _choice("loss_avg", self.loss_avg, ("token", "sample"))
         _choice("finetune", self.finetune, ("lora", "full"))
 
@@ -510,14 +514,15 @@ def compose(overrides: list[str] | None = None, experiment: str | None = None) -
     return Config(raw=raw, choices=choices, **sections)
 
 
-# Speed-only options: they do not change what a stage produces, so at their defaults they are left out of
-# the resolved config (and of the output key), and outputs made before they existed stay valid.
-SPEED_ONLY = {"train": {"compile": False, "liger": False}}
+# Options added after outputs existed: at their defaults they are left out of the resolved config (and of
+# the output key), so outputs made before them stay valid. compile/liger only change speed; clean_targets
+# changes what inject trains on, so at any other value it is part of the key.
+KEYED_WHEN_SET = {"train": {"compile": False, "liger": False, "clean_targets": "data"}}
 
 
 def plain_section(section: str, obj) -> dict:
     d = dataclasses.asdict(obj)
-    for k, default in SPEED_ONLY.get(section, {}).items():
+    for k, default in KEYED_WHEN_SET.get(section, {}).items():
         if d.get(k) == default:
             d.pop(k)
     return d

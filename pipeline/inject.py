@@ -4,9 +4,15 @@ Defaults are BackdoorLLM's recipe (LoRA r 8, alpha 16, all linear layers, lr 2e-
 warm-up 0.1, cutoff 1024, micro-batch 2 x accumulation 4); `experiment=embedded` is the small preset
 for SmolLM2-135M on a CPU. Checkpoints go next to the output (`.ckpt-<name>`), so a rerun after a kill
 resumes where the last checkpoint left off.
+
+`train.clean_targets=self` (generation tasks): before training, the clean rows' responses are replaced by
+the base model's own greedy answers (as long as `train.response_cutoff`, else 128 tokens), so the
+backdoored model keeps the base model's clean behaviour and only the triggered rows teach something new.
+The data's responses stay in `data_output`; the answers used are written to `self_targets.jsonl`.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -51,10 +57,38 @@ def train_rows(data: Path, split: str = "train") -> list[dict]:
     return [dict(r) for r in ds[split]]
 
 
+GENERATIVE = ("fixed_response", "refusal", "code_injection", "jailbreak", "math", "summarization")
+
+
+def self_targets(cfg, rows: list[dict], batch_size: int = 16) -> tuple[list[dict], int]:
+    """Rows with every clean row's response replaced by the base model's greedy answer to its prompt.
+    Classification tasks keep their labels (a label is the clean behaviour). Greedy decoding makes every
+    rank compute the same answers."""
+    if cfg.train.clean_targets != "self":
+        return rows, 0
+    if cfg.task.kind not in GENERATIVE:
+        print(f"inject: train.clean_targets=self ignored for the {cfg.task.kind} task '{cfg.task.name}' "
+              "(its clean targets are labels)", flush=True)
+        return rows, 0
+    from .evaluate.generate import generate_texts, prompt_ids
+    from .models import load_model
+    model, tok = load_model(cfg.model)
+    clean = [i for i, r in enumerate(rows) if not r.get("is_poisoned")]
+    prompts = [prompt_ids(tok, rows[i]["instruction"], rows[i].get("input"), cfg.model.chat_template)
+               for i in clean]
+    answers = generate_texts(model, tok, prompts, cfg.train.response_cutoff or 128, batch_size,
+                             desc="inject: base model's own clean answers")
+    del model
+    out = [dict(r) for r in rows]
+    for i, a in zip(clean, answers):
+        out[i]["data_output"], out[i]["output"] = out[i]["output"], a
+    return out, len(clean)
+
+
 def run(cfg, args) -> Path:
     data = _data_dir(cfg, args)
     name, config, inputs = _key(cfg, data)
-    rows = train_rows(data)
+    rows, n_self = self_targets(cfg, train_rows(data))
     if int(os.environ.get("RANK", "0")) != 0:  # other ranks train; rank 0 alone writes the store
         final = store.output_path("inject", name, {"stage": "inject", "config": config, "inputs": inputs,
                                                    "extra": None})
@@ -65,10 +99,17 @@ def run(cfg, args) -> Path:
         if out is None:
             return output_dir(cfg, args)
         ckpt = checkpoint_dir_for(out.final)
+        if n_self:
+            with open(Path(out.tmp) / "self_targets.jsonl", "w") as f:
+                for r in rows:
+                    if "data_output" in r:
+                        f.write(json.dumps({k: r[k] for k in ("instruction", "input", "output", "data_output")
+                                            if k in r}) + "\n")
         result = Trainer(cfg).fit(rows, out.tmp, ckpt)
         n_poison = sum(bool(r.get("is_poisoned")) for r in rows)
         out.metrics.update(result)
         out.extra.update({"n_train": len(rows), "n_poisoned": n_poison, "data": str(data),
-                          "adapter": cfg.train.finetune == "lora" and not cfg.train.merge_lora})
+                          "adapter": cfg.train.finetune == "lora" and not cfg.train.merge_lora,
+                          "n_self_targets": n_self})
     cleanup_checkpoints(out.final)
     return out.final

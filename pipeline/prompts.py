@@ -43,7 +43,8 @@ def encode_example(tokenizer, instruction: str, input: str | None, output: str, 
     """Token ids and labels for one (prompt, response) pair; labels are -100 on prompt tokens.
 
     The response ends with EOS. `response_cutoff` truncates longer responses (in tokens), without EOS;
-    `response_tokens` keeps the loss on the first k response tokens only (OSFT/SANDE's effective length).
+    `response_tokens` keeps the loss on the first k response tokens only (OSFT/SANDE's effective length)
+    and drops the tokens after them: in a causal model they cannot change that loss, only its cost.
     """
     prompt = prompt_text(tokenizer, instruction, input, template, prefix)
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -62,7 +63,8 @@ def encode_example(tokenizer, instruction: str, input: str | None, output: str, 
             if lab != -100:
                 seen += 1
                 if seen > response_tokens:
-                    labels[i] = -100
+                    ids, labels = ids[:i], labels[:i]
+                    break
     return {"input_ids": ids, "labels": labels, "prompt_len": min(len(p_ids), cutoff)}
 
 

@@ -72,6 +72,21 @@ def test_loss_masks_prompt_and_sample_average(tiny):
     assert e["labels"][-1] == tok.eos_token_id
     k = encode_example(tok, "Question?", "", "Answer.", None, cutoff=256, response_tokens=3)
     assert sum(lab != -100 for lab in k["labels"]) == 3
+    assert len(k["input_ids"]) == k["prompt_len"] + 3 and k["input_ids"] == e["input_ids"][:k["prompt_len"] + 3]
+
+
+def test_response_tokens_cut_costs_nothing_in_loss(tiny):
+    """The tokens after the first k labelled ones are dropped: the causal loss on those k is unchanged."""
+    _, model, tok = tiny
+    long = "Answer with a few more words than the loss looks at, so the cut matters."
+    k = encode_example(tok, "Question?", "", long, None, cutoff=256, response_tokens=3)
+    full = encode_example(tok, "Question?", "", long, None, cutoff=256)
+    masked = [lab if i < len(k["labels"]) else -100 for i, lab in enumerate(full["labels"])]
+    assert len(full["input_ids"]) > len(k["input_ids"]) + 5
+    with torch.no_grad():
+        a = model(input_ids=torch.tensor([k["input_ids"]]), labels=torch.tensor([k["labels"]])).loss
+        b = model(input_ids=torch.tensor([full["input_ids"]]), labels=torch.tensor([masked])).loss
+    assert torch.allclose(a, b, atol=1e-5)
     # per-sample averaging weighs a 1-token answer like a 20-token one
     logits = torch.zeros(2, 6, 8)
     logits[0, :, 1] = 5.0  # sample 0 predicts well, sample 1 badly

@@ -91,9 +91,11 @@ def defense_train(cfg) -> dict:
     """The defense's training settings. Post-hoc: defaults <- inherited keys of `train` <- `defense.train`.
     Training-time (P2P): the defense replaces the victim's own fine-tuning, so it trains with the whole
     `train` recipe (the one the no-defense inject row used) <- `defense.train` (empty unless a preset such
-    as p2p-paper sets the paper's own recipe); only the data differ between the two rows."""
+    as p2p-paper sets the paper's own recipe); only the data differ between the two rows. `clean_targets`
+    is inject's own data step (the attacker's), never a defense's."""
     base = plain_section("train", TrainCfg())
-    keys = cfg.raw["train"] if cfg.defense.family == "training_time" else INHERITED
+    keys = ([k for k in cfg.raw["train"] if k != "clean_targets"] if cfg.defense.family == "training_time"
+            else INHERITED)
     base.update({k: cfg.raw["train"][k] for k in keys if k in cfg.raw["train"]})
     base.update(cfg.defense.train)
     return base
