@@ -298,6 +298,12 @@ def test_evaluate_stage_base_model(tiny, tmp_path, monkeypatch):
     rep = report.run(cfg, argparse.Namespace(runs=None, overrides=[], force=False))
     assert "| tiny-llama | negsentiment | badnet |" in (rep / "table.md").read_text()
 
+    bf = compose(["experiment=tiny", "evaluate.max_new_tokens=4", "evaluate.cpu_bf16=true"])
+    out_bf = stage.run(bf, ns(data=str(data), base=True))
+    m_bf = json.loads((out_bf / "metrics.json").read_text())
+    assert out_bf != out and m_bf["cpu_bf16"] is True and m["cpu_bf16"] is False
+    assert m_bf["perplexity"] == pytest.approx(m["perplexity"], rel=0.05) and m_bf["perplexity"] != m["perplexity"]
+
 
 def test_evaluate_applies_inference_transform(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))

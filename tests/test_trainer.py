@@ -15,6 +15,7 @@ from pipeline.config import compose
 from pipeline.models import load_model
 from pipeline.prompts import encode_example
 from pipeline.train.packing import lm_loss, pack_examples, pad_batch
+from pipeline.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "train_tiny.py"
@@ -195,3 +196,25 @@ def test_compile_with_zero3_and_missing_liger_are_clear_errors(tmp_path):
         pass
     r = _run([str(tmp_path / "lg"), "--zero", "0", "train.liger=true", "train.epochs=1"])
     assert r.returncode != 0 and "liger-kernel" in r.stderr
+
+
+def test_cpu_bf16_autocasts_and_trains(tmp_path):
+    """train.cpu_bf16: the forward runs in bf16 (logits bf16), weights stay fp32, the loss still falls."""
+    from pipeline.train.plugins import Plugin
+    seen = []
+
+    class Probe(Plugin):
+        def loss(self, trainer, batch, outputs, lm_loss):
+            seen.append((outputs.logits.dtype, next(trainer.engine.module.parameters()).dtype))
+            return lm_loss, {}
+
+    cfg = compose(["experiment=tiny", "train.cpu_bf16=true", "train.lr=5e-3", "train.epochs=4",
+                   "train.micro_batch=4", "train.grad_accum=1"])
+    rows = [{"instruction": f"Name colour {i}.", "input": "", "output": "Blue and green."} for i in range(8)]
+    tr = Trainer(cfg, plugins=[Probe()])
+    (tmp_path / "o").mkdir()
+    tr.fit(rows, tmp_path / "o", save=False)
+    assert seen and all(s == (torch.bfloat16, torch.float32) for s in seen)
+    losses = [r["lm_loss"] for r in tr.records]
+    assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2]) - 0.3
+    assert "cpu_bf16" in cfg.raw["train"] and "cpu_bf16" not in compose(["experiment=tiny"]).raw["train"]

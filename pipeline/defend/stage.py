@@ -84,7 +84,7 @@ def _rows(data: Path, split: str) -> list[dict]:
 # Settings of `train` (the inject recipe) that a defense inherits: the sequence shape and run mechanics,
 # not the recipe (lr, epochs, loss averaging, response cutoff, full vs LoRA), which `defense.train` sets.
 INHERITED = ("cutoff", "grad_ckpt", "packing", "seed", "save_every", "log_every", "tensorboard", "max_steps",
-             "lora_targets", "compile", "liger")
+             "lora_targets", "compile", "liger", "cpu_bf16")
 
 
 def defense_train(cfg) -> dict:

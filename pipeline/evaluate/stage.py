@@ -235,14 +235,18 @@ def run(cfg, args) -> Path:
     mine = M.shard_indices(len(rows), rank, world)
     prompts = [prompt_ids(tok, rows[i][1]["instruction"], rows[i][1]["input"], p.template, prefix) for i in mine]
     tg = time.time()
-    gens = generate_texts(model, tok, prompts, ev.max_new_tokens, ev.batch_size, static_cache_compile=fast,
-                          desc=f"evaluate[{rank}/{world}]" if world > 1 else "evaluate")
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=ev.cpu_bf16 and not torch.cuda.is_available())
+    with bf16:
+        gens = generate_texts(model, tok, prompts, ev.max_new_tokens, ev.batch_size, static_cache_compile=fast,
+                              desc=f"evaluate[{rank}/{world}]" if world > 1 else "evaluate")
     gen_s = time.time() - tg
     new_tokens = sum(len(tok(g, add_special_tokens=False)["input_ids"]) for g in gens)
     ppl_rows = [rows[i][1] for i in mine if rows[i][0] == "test_clean"]
     nll = (0.0, 0)
     if ev.perplexity and p.judge.fn != "label":
-        nll = response_nll(model, tok, ppl_rows, p.template, prefix, cfg.train.cutoff, max(1, ev.batch_size // 2))
+        with bf16:
+            nll = response_nll(model, tok, ppl_rows, p.template, prefix, cfg.train.cutoff,
+                               max(1, ev.batch_size // 2))
     part = {"gens": list(zip(mine, gens)), "nll": nll, "tokens": new_tokens, "gen_s": gen_s}
     parts = [part]
     if world > 1:
@@ -273,7 +277,7 @@ def run(cfg, args) -> Path:
         "model_dir": str(p.model_dir) if p.model_dir else None, "template": p.template,
         "n_test_clean": len(judged["test_clean"]), "n_test_triggered": len(judged["test_triggered"]),
         "max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size, "static_cache_compile": fast,
-        "device": device, "world_size": world, "generation_s": round(gen_s, 3),
+        "cpu_bf16": bool(ev.cpu_bf16 and device == "cpu"), "device": device, "world_size": world, "generation_s": round(gen_s, 3),
         "new_tokens_per_s": round(tokens / gen_s, 2) if gen_s else None, "wall_s": round(time.time() - t0, 3),
     })
     _write(p, judged, res, cfg, args)

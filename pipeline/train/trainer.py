@@ -355,7 +355,8 @@ class Trainer:
                     continue
                 batch = self.collate(mb)
                 self.engine.train()
-                loss, logs = self.forward_loss(batch)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.tc.cpu_bf16 and not self.cuda):
+                    loss, logs = self.forward_loss(batch)
                 self.engine.backward(loss)
                 self.engine.step()
                 seen += 1
