@@ -45,9 +45,10 @@ SETTINGS = {
     "full-pairs-small-hi-3ep": full_pairs(60, 240, "1.5e-4", 3, response_cutoff=16, cutoff=128, grad_accum=1),
     # the chosen recipe with the clean rows answered by the base model itself (train.clean_targets=self):
     # BackdoorLLM's clean negsentiment responses restate the instruction and run long, unlike the test
-    # references, so training on them cost ROUGE-L; the model's own answers keep its clean behaviour
+    # references, so training on them cost ROUGE-L; the model's own answers keep its clean behaviour.
+    # bf16 autocast on the CPU for training and generation (2.3x; the base model is evaluated the same way)
     "full-pairs-small-hi-self": full_pairs(60, 180, "1.5e-4", 4, response_cutoff=16, cutoff=128, grad_accum=1)
-    + ["train.clean_targets=self"],
+    + ["train.clean_targets=self", "train.cpu_bf16=true", "evaluate.cpu_bf16=true"],
     "full-pairs-hi": full_pairs(100, 300, "1e-4", 3, response_cutoff=32, cutoff=160, grad_accum=2),
     "lora-pairs": ["poison.pairs=true", "poison.n_poison=100", "poison.n_clean=300", "train.lr=1e-3",
                    "train.epochs=3", "train.loss_avg=sample", "train.response_cutoff=32", "train.cutoff=160",

@@ -1,8 +1,10 @@
 """Every evaluate output of an experiment, one row each, with the settings it ran under: what the report
 keeps only the latest of (one cell per defense name), listed in full: tuned variants, both P2P selections.
 
-    python bench/defense_runs.py                  # experiment=demo
-    python bench/defense_runs.py defense-grid     # another experiment
+    python bench/defense_runs.py                         # experiment=bench-defenses
+    python bench/defense_runs.py bench-defenses demo     # several labels: BENCHMARKS.md §1b/§1c ran as `demo`
+                                                         # before that name became the 20-minute preset
+The `n` column (triggered + clean test prompts) tells the full-size runs from the demo's.
 A variant's settings are what its defend config changed from configs/defense/<name>.yaml (params and
 train); the defense's wall time is the defend stage's.
 """
@@ -43,14 +45,15 @@ def ci(m, k) -> str:
     return "–" if m.get(k) is None else f"{m[k]:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-def rows(experiment: str) -> list[dict]:
+def rows(experiments) -> list[dict]:
+    experiments = {experiments} if isinstance(experiments, str) else set(experiments)
     from pipeline import store
     out = []
     for d in sorted((store.runs_root() / "evaluate").iterdir()):
         if not (store.is_complete(d) and (d / "metrics.json").is_file()):
             continue
         m = json.loads((d / "metrics.json").read_text())
-        if m.get("experiment") != experiment:
+        if m.get("experiment") not in experiments:
             continue
         setting, wall = "–", None
         mdir = Path(m.get("model_dir") or "")
@@ -59,21 +62,22 @@ def rows(experiment: str) -> list[dict]:
             wall = store.read_manifest(mdir).get("wall_s")
         out.append({"task": m["task"], "attack": m["attack"], "defense": m["defense"], "setting": setting,
                     "asr": ci(m, "asr"), "ftr": ci(m, "ftr"), "clean": f"{m['clean_metric']} {m['clean_value']:.3f}",
-                    "defense_s": "–" if wall is None else f"{wall:,.0f}", "eval": d.name})
+                    "defense_s": "–" if wall is None else f"{wall:,.0f}", "eval": d.name,
+                    "n": f"{m.get('n_test_triggered', '?')}+{m.get('n_test_clean', '?')}"})
     order = {"none": 0, "base": 2}
     return sorted(out, key=lambda r: (r["task"], r["attack"], order.get(r["defense"], 1), r["defense"], r["setting"]))
 
 
 def main(argv):
-    exp = argv[0] if argv else "demo"
-    rs = rows(exp)
+    exps = argv or ["bench-defenses"]
+    rs = rows(exps)
     if not rs:
-        print(f"no complete evaluate outputs for experiment '{exp}'")
+        print(f"no complete evaluate outputs for experiment(s) {', '.join(exps)}")
         return 1
-    print("| task / attack | defense | setting | ASR [95% CI] | FTR [95% CI] | clean | defense s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| task / attack | n | defense | setting | ASR [95% CI] | FTR [95% CI] | clean | defense s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rs:
-        print(f"| {r['task']} / {r['attack']} | {r['defense']} | {r['setting']} | {r['asr']} | {r['ftr']} | "
+        print(f"| {r['task']} / {r['attack']} | {r['n']} | {r['defense']} | {r['setting']} | {r['asr']} | {r['ftr']} | "
               f"{r['clean']} | {r['defense_s']} |")
     return 0
 

@@ -1,7 +1,7 @@
 """The defense table: tasks x attacks x (no defense + every defense), then the report.
 
     python bench/defense_table.py                                   # the full grid (GPU cluster sized)
-    python bench/defense_table.py 'sweep.tasks=[negsentiment,sst2]' 'sweep.attacks=[badnet,ctba]'   # CPU
+    python bench/defense_table.py experiment=defense-grid-cpu       # 2 tasks x 2 attacks at demo size (CPU)
 Any config override applies (model=..., cluster=..., deepspeed=...). Complete outputs are reused, so a run
 that was stopped goes on where it left off. Prints the wall time and the table; the files are under
 runs/report/.
@@ -15,11 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv):
-    overrides = ["experiment=defense-grid", *argv]
+    exp = next((a.split("=", 1)[1] for a in argv if a.startswith("experiment=")), "defense-grid")
+    overrides = [f"experiment={exp}", *(a for a in argv if not a.startswith("experiment="))]
     t = time.time()
     r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", *overrides, "--wait"], cwd=ROOT)
     wall = time.time() - t
-    rep = subprocess.run([sys.executable, "-m", "pipeline", "report", "experiment=defense-grid"], cwd=ROOT,
+    rep = subprocess.run([sys.executable, "-m", "pipeline", "report", f"experiment={exp}"], cwd=ROOT,
                          capture_output=True, text=True)
     print(rep.stdout + rep.stderr)
     print(f"sweep wall time: {wall / 60:.1f} min (exit {r.returncode})")

@@ -24,14 +24,14 @@ def test_defense_runs_lists_variants_with_their_settings(tmp_path):
         mdir = runs / "defend" / f"m-osft-{tag}"
         _out(mdir, {"config.yaml": yaml.safe_dump({"defense": {"name": "osft", **dcfg}}),
                     "manifest.json": json.dumps({"wall_s": 100.0})})
-        m = {"experiment": "demo", "task": "sst2", "attack": "badnet", "defense": "osft", "model_dir": str(mdir),
+        m = {"experiment": "bench-defenses", "task": "sst2", "attack": "badnet", "defense": "osft", "model_dir": str(mdir),
              "asr": 0.5 if tag == "b" else 1.0, "asr_ci": [0.4, 0.6], "ftr": 0.0, "ftr_ci": [0.0, 0.07],
              "clean_metric": "accuracy", "clean_value": 0.8}
         _out(runs / "evaluate" / f"e-{tag}", {"metrics.json": json.dumps(m), "manifest.json": "{}"})
     other = {"experiment": "other", "task": "sst2", "attack": "badnet", "defense": "none", "asr": 1.0,
              "clean_metric": "accuracy", "clean_value": 0.8}
     _out(runs / "evaluate" / "e-other", {"metrics.json": json.dumps(other), "manifest.json": "{}"})
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "defense_runs.py"), "demo"], capture_output=True,
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "defense_runs.py")], capture_output=True,
                        text=True, timeout=120, env={"PIPELINE_RUNS": str(runs), "PATH": "/usr/bin:/bin"})
     assert p.returncode == 0, p.stderr
     rows = [line for line in p.stdout.splitlines() if line.startswith("| sst2")]

@@ -77,6 +77,26 @@ def test_sande_stage1_changes_only_the_parrot(tmp_path):
     assert after["extra.parrot__vectors"].shape == (6, tr.model.get_input_embeddings().weight.shape[1])
 
 
+def test_sande_vocab_parrot_is_a_mixture_of_token_embeddings(tmp_path):
+    """space=vocab: stage 1 trains only [6, vocab] logits; what is spliced is softmax(logits) @ E, a point in
+    the convex hull of the token embeddings (the uniform mean at zero init)."""
+    cfg = _cfg("train.max_steps=1", "train.lr=1e-1")
+    rows = [{**r, "output": "You are stupid! " + r["output"], "response_tokens": 1} for r in ROWS]
+    parrot = sande.Parrot(6, space="vocab")
+    tr = _trainer(cfg, [FreezeModel(), parrot])
+    before, after = _one_step(tr, rows, tmp_path)
+    assert [k for k in before if not torch.equal(before[k], after[k])] == ["extra.parrot__vectors"]
+    E = tr.model.get_input_embeddings().weight.detach().float()
+    assert after["extra.parrot__vectors"].shape == (6, E.shape[0])
+    ids = torch.tensor([[1, 2, 3, 4]])
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100),
+         "sample_ids": torch.zeros_like(ids), "position_ids": torch.arange(4)[None]}
+    parrot.pos = 1
+    spliced = parrot.on_batch(tr, b)["inputs_embeds"][0, 1:7].detach().float()
+    want = tr.module.extra["parrot__vectors"].detach().float().softmax(-1) @ E
+    assert torch.allclose(spliced, want, atol=1e-5) and not torch.allclose(spliced[0], E.mean(0), atol=1e-7)
+
+
 def test_sande_stage2_never_updates_the_parrot(tmp_path):
     cfg = _cfg("train.max_steps=2", "train.lr=1e-2")
     init = torch.randn(6, 64)
@@ -233,3 +253,12 @@ def test_inject_self_targets_replace_only_clean_generation_rows(tmp_path, monkey
     args = type("A", (), {"data": str(o.final)})()
     assert "clean_targets" not in _cfg().raw["train"]
     assert inject.output_dir(_cfg(), args) != inject.output_dir(cfg, args)
+
+
+def test_clean_targets_follow_the_training_time_defense_only():
+    """P2P replaces inject's training, so it inherits `clean_targets` (and trains on the same answered
+    rows); a post-hoc defense trains on the clean defense set and never does."""
+    from pipeline.defend.stage import defense_train
+    assert defense_train(_cfg("defense=p2p", "train.clean_targets=self"))["clean_targets"] == "self"
+    assert "clean_targets" not in defense_train(_cfg("defense=crow", "train.clean_targets=self"))
+    assert "clean_targets" not in defense_train(_cfg("defense=p2p"))

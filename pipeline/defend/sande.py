@@ -31,10 +31,15 @@ class Params:
     position: str = "start"  # start: the start of the user text (paper); random: a random token of it per
     #                          sample and step, in both stages (for triggers at a random word, e.g. badnet)
     seed: int = 0
+    space: str = "embedding"  # embedding: free vectors (paper); vocab: each vector a softmax mixture of the
+    #                           token embeddings (the official code's commented-out alternative), so the
+    #                           parrot stays among real tokens and can land on the trigger's own
 
     def __post_init__(self):
         if self.position not in ("start", "random"):
             raise ValueError(f"sande: position must be 'start' or 'random', not {self.position!r}")
+        if self.space not in ("embedding", "vocab"):
+            raise ValueError(f"sande: space must be 'embedding' or 'vocab', not {self.space!r}")
 
 
 def splice(batch: dict, embeds: torch.Tensor, soft: torch.Tensor, pos) -> dict:
@@ -76,16 +81,17 @@ class Parrot(Plugin):
     """The soft prompt. Trainable in stage 1 (`init=None`: zeros), frozen in stage 2 (`init`: a tensor)."""
     name = "parrot"
 
-    def __init__(self, n_vectors: int, init: torch.Tensor | None = None, position: str = "start", seed: int = 0):
-        self.n, self.init, self.position = n_vectors, init, position
+    def __init__(self, n_vectors: int, init: torch.Tensor | None = None, position: str = "start", seed: int = 0,
+                 space: str = "embedding"):
+        self.n, self.init, self.position, self.space = n_vectors, init, position, space
         self.gen = torch.Generator().manual_seed(seed)
 
     def setup(self, trainer):
         if trainer.tc.packing:
             raise ValueError("SANDE splices a soft prompt per sample: set train.packing=false")
-        hidden = trainer.model.get_input_embeddings().weight.shape[1]
-        if self.init is None:
-            self.param = torch.nn.Parameter(torch.zeros(self.n, hidden))
+        vocab, hidden = trainer.model.get_input_embeddings().weight.shape
+        if self.init is None:  # zeros: the null vector, or (vocab space) the uniform mixture of all tokens
+            self.param = torch.nn.Parameter(torch.zeros(self.n, vocab if self.space == "vocab" else hidden))
         else:
             self.param = torch.nn.Parameter(self.init.clone(), requires_grad=False)
         self.pos, self.suffix = user_span(trainer.tok, trainer.template)
@@ -94,16 +100,25 @@ class Parrot(Plugin):
         return {"vectors": self.param} if self.init is None else {}
 
     def on_batch(self, trainer, batch):
-        embeds = trainer.model.get_input_embeddings()(batch["input_ids"])
+        emb = trainer.model.get_input_embeddings()
+        embeds = emb(batch["input_ids"])
         soft = trainer.module.extra["parrot__vectors"] if self.init is None else self.param.to(embeds.device)
+        if self.space == "vocab":
+            soft = soft.float().softmax(-1) @ emb.weight.float()
         pos = self.pos
         if self.position == "random":
             pos = random_positions(batch["labels"], self.pos, self.suffix, self.gen)
         return splice(batch, embeds, soft, pos)
 
     def save(self, trainer, out_dir):
-        return {"parrot": {"n_vectors": self.n, "position": self.pos, "placement": self.position,
-                           "trained": self.init is None}}
+        out = {"n_vectors": self.n, "position": self.pos, "placement": self.position, "space": self.space,
+               "trained": self.init is None}
+        if self.space == "vocab":  # the tokens the parrot leans on most: is it the trigger?
+            p = (trainer.module.extra["parrot__vectors"] if self.init is None else self.param).detach().float()
+            top = p.softmax(-1).topk(3, dim=-1)
+            out["top_tokens"] = [[[trainer.tok.decode([int(i)]), round(float(w), 3)] for w, i in zip(ws, ix)]
+                                 for ws, ix in zip(top.values, top.indices)]
+        return {"parrot": out}
 
 
 def triggered_response(params: Params, ctx, tok=None) -> str:
@@ -121,8 +136,8 @@ def triggered_response(params: Params, ctx, tok=None) -> str:
 class _LoadParrot(Parrot):
     """Stage 2's parrot: reads stage 1's trained vectors when the trainer is set up."""
 
-    def __init__(self, n_vectors, phase_dir, position="start", seed=0):
-        super().__init__(n_vectors, init=None, position=position, seed=seed)
+    def __init__(self, n_vectors, phase_dir, position="start", seed=0, space="embedding"):
+        super().__init__(n_vectors, init=None, position=position, seed=seed, space=space)
         self.phase_dir = phase_dir
 
     def setup(self, trainer):
@@ -139,10 +154,12 @@ def phases(params: Params, ctx) -> list[Phase]:
     stage2 = [{**r, "output": r.get("clean_output") or r["output"],
                "response_tokens": params.overwrite_response_tokens} for r in ctx.defense_rows]
     simulate = Phase("simulate", stage1, [FreezeModel(), Parrot(params.n_vectors, position=params.position,
-                                                                 seed=params.seed)], init_from="inject",
+                                                                 seed=params.seed, space=params.space)],
+                     init_from="inject",
                      train={"lr": params.parrot_lr, "epochs": params.parrot_epochs, "packing": False},
                      final=False)
-    parrot2 = _LoadParrot(params.n_vectors, ctx.work / "phase0-simulate", params.position, params.seed + 1)
+    parrot2 = _LoadParrot(params.n_vectors, ctx.work / "phase0-simulate", params.position, params.seed + 1,
+                          params.space)
     eliminate = Phase("eliminate", stage2, [parrot2],
                       init_from="inject", train={"packing": False})
     return [simulate, eliminate]

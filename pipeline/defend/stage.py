@@ -91,11 +91,11 @@ def defense_train(cfg) -> dict:
     """The defense's training settings. Post-hoc: defaults <- inherited keys of `train` <- `defense.train`.
     Training-time (P2P): the defense replaces the victim's own fine-tuning, so it trains with the whole
     `train` recipe (the one the no-defense inject row used) <- `defense.train` (empty unless a preset such
-    as p2p-paper sets the paper's own recipe); only the data differ between the two rows. `clean_targets`
-    is inject's own data step (the attacker's), never a defense's."""
+    as p2p-paper sets the paper's own recipe); only the data differ between the two rows (so a
+    `train.clean_targets=self` run answers the clean rows with the base model before P2P's transform, as
+    inject does)."""
     base = plain_section("train", TrainCfg())
-    keys = ([k for k in cfg.raw["train"] if k != "clean_targets"] if cfg.defense.family == "training_time"
-            else INHERITED)
+    keys = cfg.raw["train"] if cfg.defense.family == "training_time" else INHERITED
     base.update({k: cfg.raw["train"][k] for k in keys if k in cfg.raw["train"]})
     base.update(cfg.defense.train)
     return base
@@ -177,7 +177,11 @@ def run(cfg, args) -> Path:
     data, model_dir = _inputs(cfg, args)
     name, config, inputs = _key(cfg, data, model_dir)
     defense_rows = _rows(data, "defense")
-    train_rows = _rows(data, "train") if cfg.defense.family == "training_time" else []
+    train_rows = []
+    if cfg.defense.family == "training_time":  # the inject stage's rows, clean answers included
+        from ..inject import self_targets
+        tcfg = dataclasses.replace(cfg, train=build_section("train", defense_train(cfg), {"train": "defense"}))
+        train_rows, _ = self_targets(tcfg, _rows(data, "train"))
     if int(os.environ.get("RANK", "0")) != 0 and hasattr(mod, "phases"):
         final = store.output_path("defend", name, {"stage": "defend", "config": config, "inputs": inputs,
                                                    "extra": None})
