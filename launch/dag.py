@@ -102,13 +102,14 @@ def expand(cfg, overrides: Sequence[str], stages=None) -> dict[str, Run]:
         poison = add("poison", {"task": task, "attack": attack})
         trained = {"model": model, "task": task, "attack": attack}
         family = stages.defense_family(defense)
+        tuned = cfg.sweep.overrides.get(defense, [])
         if family == "training_time":
-            model_run = add("defend", {**trained, "defense": defense}, [poison])
+            model_run = add("defend", {**trained, "defense": defense}, [poison], tuned)
         else:
             model_run = add("inject", trained, [poison])
             if family == "post_hoc":
-                model_run = add("defend", {**trained, "defense": defense}, [model_run])
-        evals.append(add("evaluate", {**trained, "defense": defense}, [model_run, poison]))
+                model_run = add("defend", {**trained, "defense": defense}, [model_run], tuned)
+        evals.append(add("evaluate", {**trained, "defense": defense}, [model_run, poison], tuned))
     if cfg.sweep.report and evals:
         add("report", {}, evals, extra=[f"report.experiment={exp}"])
     return dict(sorted(runs.items(), key=lambda kv: STAGES.index(kv[1].stage)))

@@ -266,6 +266,16 @@ class SweepCfg:
     attacks: list = field(default_factory=list)
     defenses: list = field(default_factory=list)
     report: bool = True  # one report stage over every evaluate of the sweep
+    # defense name -> `defense.*` overrides for that defense's defend and evaluate runs only (a preset that
+    # must fit a time budget, a tuned variant next to the shipped one)
+    overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, ovs in self.overrides.items():
+            if not isinstance(ovs, list) or not all(isinstance(o, str) and o.startswith("defense.") and "=" in o
+                                                    for o in ovs):
+                raise ValueError(f"field 'sweep.overrides.{name}': a list of 'defense.<key>=<value>' strings, "
+                                 f"got {ovs!r}")
 
 
 SECTION_SCHEMAS = {

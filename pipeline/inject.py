@@ -60,10 +60,10 @@ def train_rows(data: Path, split: str = "train") -> list[dict]:
 GENERATIVE = ("fixed_response", "refusal", "code_injection", "jailbreak", "math", "summarization")
 
 
-def self_targets(cfg, rows: list[dict], batch_size: int = 16) -> tuple[list[dict], int]:
+def self_targets(cfg, rows: list[dict], batch_size: int = 32) -> tuple[list[dict], int]:
     """Rows with every clean row's response replaced by the base model's greedy answer to its prompt.
     Classification tasks keep their labels (a label is the clean behaviour). Greedy decoding makes every
-    rank compute the same answers."""
+    rank compute the same answers; with `train.cpu_bf16` on a CPU they are the bf16-autocast model's."""
     if cfg.train.clean_targets != "self":
         return rows, 0
     if cfg.task.kind not in GENERATIVE:
@@ -76,8 +76,10 @@ def self_targets(cfg, rows: list[dict], batch_size: int = 16) -> tuple[list[dict
     clean = [i for i, r in enumerate(rows) if not r.get("is_poisoned")]
     prompts = [prompt_ids(tok, rows[i]["instruction"], rows[i].get("input"), cfg.model.chat_template)
                for i in clean]
-    answers = generate_texts(model, tok, prompts, cfg.train.response_cutoff or 128, batch_size,
-                             desc="inject: base model's own clean answers")
+    import torch
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.cpu_bf16 and not torch.cuda.is_available()):
+        answers = generate_texts(model, tok, prompts, cfg.train.response_cutoff or 128, batch_size,
+                                 desc="inject: base model's own clean answers")
     del model
     out = [dict(r) for r in rows]
     for i, a in zip(clean, answers):

