@@ -111,7 +111,8 @@ def expand(cfg, overrides: Sequence[str], stages=None) -> dict[str, Run]:
                 model_run = add("defend", {**trained, "defense": defense}, [model_run], tuned)
         evals.append(add("evaluate", {**trained, "defense": defense}, [model_run, poison], tuned))
     if cfg.sweep.report and evals:
-        add("report", {}, evals, extra=[f"report.experiment={exp}"])
+        grid = [f"report.{a}s=[{','.join(map(str, axes[a]))}]" for a in AXES]
+        add("report", {}, evals, extra=[f"report.experiment={exp}", *grid])
     return dict(sorted(runs.items(), key=lambda kv: STAGES.index(kv[1].stage)))
 
 

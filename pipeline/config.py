@@ -256,6 +256,12 @@ class EvaluateCfg:
 class ReportCfg:
     runs: list = field(default_factory=list)
     experiment: Optional[str] = None  # only evaluate outputs of this experiment (None: all)
+    # only these cells (empty: all); a sweep's report names its own grid, so older outputs of the same
+    # experiment name outside that grid stay out of its table
+    models: list = field(default_factory=list)
+    tasks: list = field(default_factory=list)
+    attacks: list = field(default_factory=list)
+    defenses: list = field(default_factory=list)
 
 
 @dataclass

@@ -63,6 +63,11 @@ def collect(cfg, args=None) -> list[dict]:
         m = json.loads((d / "metrics.json").read_text())
         if exp and m.get("experiment") != exp:
             continue
+        rc = cfg.report
+        if any(want and m.get(f) not in want for f, want in
+               (("model", rc.models), ("task", rc.tasks), ("attack", rc.attacks),
+                ("defense", rc.defenses and [*rc.defenses, "base"]))):  # the untrained base: a reference row
+            continue
         man = store.read_manifest(d)
         key = (m["model"], m["task"], m["attack"], m["defense"])
         if key not in best or man.get("finished", "") > best[key]["manifest"].get("finished", ""):

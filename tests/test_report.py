@@ -101,3 +101,12 @@ def test_report_cli(evals, capsys):
     assert main(["report", "experiment=tiny", "--runs", str(evals[0].parent)]) == 0
     out = capsys.readouterr().out.strip().splitlines()[-1]
     assert out.endswith(tuple("0123456789abcdef")) and "/report/tiny-" in out
+
+
+def test_report_keeps_only_the_named_grid(evals):
+    """A sweep's report names its grid: same-experiment outputs outside it stay out of the table."""
+    cfg = compose(["experiment=tiny", "report.tasks=[negsentiment]", "report.defenses=[none,crow]"])
+    recs = report.collect(cfg, args(overrides=["experiment=tiny"]))
+    assert sorted(r["metrics"]["defense"] for r in recs) == ["base", "crow", "none"]  # base: always a reference
+    assert {r["metrics"]["task"] for r in recs} == {"negsentiment"}
+    assert len(report.collect(compose(["experiment=tiny"]), args(overrides=["experiment=tiny"]))) == 6
