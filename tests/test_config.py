@@ -284,3 +284,13 @@ def test_speed_only_options_stay_out_of_the_output_key():
     from pipeline.config import compose
     assert "compile" not in compose(["experiment=tiny"]).raw["train"]
     assert compose(["experiment=tiny", "train.compile=true"]).raw["train"]["compile"] is True
+
+
+def test_make_demo_prints_the_demo_presets_grid():
+    """`make demo` prints its own grid: the report filter in the Makefile names the preset's defenses."""
+    import re
+    text = (config_root().parent / "Makefile").read_text()
+    listed = re.search(r"'report\.defenses=\[([^\]]*)\]'", text).group(1).split(",")
+    cfg = compose(["experiment=demo"])
+    assert listed == list(cfg.sweep.defenses)
+    assert f"'report.tasks=[{cfg.choices['task']}]'" in text and f"'report.attacks=[{cfg.choices['attack']}]'" in text
