@@ -70,17 +70,21 @@ def self_targets(cfg, rows: list[dict], batch_size: int = 32) -> tuple[list[dict
         print(f"inject: train.clean_targets=self ignored for the {cfg.task.kind} task '{cfg.task.name}' "
               "(its clean targets are labels)", flush=True)
         return rows, 0
+    import torch
+
     from .evaluate.generate import generate_texts, prompt_ids
     from .models import load_model
-    model, tok = load_model(cfg.model)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    model, tok = load_model(cfg.model, device=device)
     clean = [i for i, r in enumerate(rows) if not r.get("is_poisoned")]
     prompts = [prompt_ids(tok, rows[i]["instruction"], rows[i].get("input"), cfg.model.chat_template)
                for i in clean]
-    import torch
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.cpu_bf16 and not torch.cuda.is_available()):
         answers = generate_texts(model, tok, prompts, cfg.train.response_cutoff or 128, batch_size,
                                  desc="inject: base model's own clean answers")
     del model
+    if device != "cpu":
+        torch.cuda.empty_cache()  # the trainer loads the model again next
     out = [dict(r) for r in rows]
     for i, a in zip(clean, answers):
         out[i]["data_output"], out[i]["output"] = out[i]["output"], a
