@@ -73,13 +73,13 @@ def self_targets(cfg, rows: list[dict], batch_size: int = 32) -> tuple[list[dict
     import torch
 
     from .evaluate.generate import generate_texts, prompt_ids
-    from .models import load_model
+    from .models import cpu_bf16, load_model
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     model, tok = load_model(cfg.model, device=device)
     clean = [i for i, r in enumerate(rows) if not r.get("is_poisoned")]
     prompts = [prompt_ids(tok, rows[i]["instruction"], rows[i].get("input"), cfg.model.chat_template)
                for i in clean]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.cpu_bf16 and not torch.cuda.is_available()):
+    with cpu_bf16(cfg.train.cpu_bf16):
         answers = generate_texts(model, tok, prompts, cfg.train.response_cutoff or 128, batch_size,
                                  desc="inject: base model's own clean answers")
     del model

@@ -156,6 +156,12 @@ def torch_dtype(mcfg: ModelCfg, device: str = "cpu"):
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
+def cpu_bf16(enabled: bool):
+    """bf16 autocast on the CPU when `enabled` (`train.cpu_bf16`, `evaluate.cpu_bf16`); a no-op context
+    where a GPU is present, which runs in bf16 anyway."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(enabled) and not torch.cuda.is_available())
+
+
 def load_tokenizer(mcfg: ModelCfg, path: str | None = None):
     from transformers import AutoTokenizer
 

@@ -213,7 +213,7 @@ def run(cfg, args) -> Path:
     fast = ev.static_cache_compile if ev.static_cache_compile is not None else device.startswith("cuda")
     torch.manual_seed(ev.seed)
 
-    from ..models import load_model, load_trained
+    from ..models import cpu_bf16, load_model, load_trained
 
     try:
         if p.model_dir is None:
@@ -235,7 +235,7 @@ def run(cfg, args) -> Path:
     mine = M.shard_indices(len(rows), rank, world)
     prompts = [prompt_ids(tok, rows[i][1]["instruction"], rows[i][1]["input"], p.template, prefix) for i in mine]
     tg = time.time()
-    bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=ev.cpu_bf16 and not torch.cuda.is_available())
+    bf16 = cpu_bf16(ev.cpu_bf16)
     with bf16:
         gens = generate_texts(model, tok, prompts, ev.max_new_tokens, ev.batch_size, static_cache_compile=fast,
                               desc=f"evaluate[{rank}/{world}]" if world > 1 else "evaluate")

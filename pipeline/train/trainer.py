@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..models import load_model, load_trained
+from ..models import cpu_bf16, load_model, load_trained
 from ..prompts import encode_example
 from .packing import lm_loss, pack_examples, pad_batch
 from .plugins import Plugin
@@ -355,7 +355,7 @@ class Trainer:
                     continue
                 batch = self.collate(mb)
                 self.engine.train()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.tc.cpu_bf16 and not self.cuda):
+                with cpu_bf16(self.tc.cpu_bf16):
                     loss, logs = self.forward_loss(batch)
                 self.engine.backward(loss)
                 self.engine.step()
