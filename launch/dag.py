@@ -8,10 +8,11 @@ them all at once.
   evaluate <- (defend, or inject for defense family none) and poison; report <- every evaluate.
 - Runs whose output is complete are skipped; runs whose job is still pending or running are kept and
   depended on; the rest (never ran, failed, cancelled) are submitted, stage by stage, one job array per
-  (stage, job shape, stages of its inputs), with afterok dependencies on the jobs of their inputs.
-  Slurm gives an array one dependency list, so an array starts once all of its members' inputs are
-  built, and a failed input cancels it (kill-on-invalid-dep); `sweep` again resubmits what never ran.
-  Splitting by input stages keeps e.g. the no-defense evaluations from waiting for every defense.
+  (stage, job shape, exact set of input jobs), with afterok dependencies on those jobs. Slurm gives an
+  array one dependency list, so grouping by the exact inputs lets every run start as soon as its own
+  inputs are built (each defense's evaluation right after that defense; one cell's defenses together
+  after its injection), and a failed input cancels only what needs it (kill-on-invalid-dep); `sweep`
+  again resubmits what never ran.
 - runs/sweeps/<experiment>/state.json maps run keys to job ids and log paths (`python -m pipeline status`).
 """
 from __future__ import annotations
@@ -178,21 +179,22 @@ def submit(runs: dict[str, Run], stages, executor: Executor, state: SweepState, 
             actions[key], job_of[key] = "queued", state.runs[key]["job_id"]
         else:
             todo.append(run)
-    groups: dict[tuple, list[Run]] = {}
-    for run in todo:  # runs are in stage order, so a group's inputs are submitted before it
-        inputs = tuple(sorted({runs[d].stage for d in run.deps}))
-        groups.setdefault((run.stage, shape_for(run.stage, executor.cluster), inputs), []).append(run)
-    for (stage, shape, _), members in groups.items():
-        after = sorted({job_of[d] for m in members for d in m.deps if d in job_of})
-        jobs = executor.map_array(StageRun(stages.runner), [m.stage for m in members],
-                                  [m.overrides for m in members], [force] * len(members), shape=shape, after=after)
-        for m, job in zip(members, jobs):
-            job_of[m.key], actions[m.key] = job.job_id, "submitted"
-            state.record(m, executor, job)
-        state.save()
-        array = "[array]" if len(jobs) > 1 else ""
-        log(f"[sweep] {stage}: {len(members)} run(s), job {jobs[0].job_id.split('_')[0]}{array}"
-            + (f" after {','.join(after)}" if after else ""))
+    for stage in STAGES:  # in stage order, so a group's inputs are submitted before it
+        groups: dict[tuple, list[Run]] = {}
+        for run in (r for r in todo if r.stage == stage):  # one array per exact set of input jobs
+            after = tuple(sorted({job_of[d] for d in run.deps if d in job_of}))
+            groups.setdefault((shape_for(stage, executor.cluster), after), []).append(run)
+        for (shape, after), members in groups.items():
+            jobs = executor.map_array(StageRun(stages.runner), [m.stage for m in members],
+                                      [m.overrides for m in members], [force] * len(members), shape=shape,
+                                      after=list(after))
+            for m, job in zip(members, jobs):
+                job_of[m.key], actions[m.key] = job.job_id, "submitted"
+                state.record(m, executor, job)
+            state.save()
+            array = "[array]" if len(jobs) > 1 else ""
+            log(f"[sweep] {stage}: {len(members)} run(s), job {jobs[0].job_id.split('_')[0]}{array}"
+                + (f" after {','.join(after)}" if after else ""))
     state.save()
     return actions
 

@@ -219,12 +219,22 @@ class DebugExecutor(Executor):
 
 class LocalExecutor(Executor):
     """Each job is a subprocess on this machine (`torchrun --standalone` when it has several tasks).
-    Files per job under the folder: <id>.pkl (the call), <id>.log, <id>.pid, <id>.result.pkl."""
+    Files per job under the folder: <id>.pkl (the call), <id>.log, <id>.pid, <id>.result.pkl.
+
+    Submission never blocks: a job waits in this executor's queue (state `pending`) until each job it
+    depends on is done and fewer than `cluster.array_parallelism` of this executor's jobs are running,
+    then starts; a job whose dependency failed is cancelled. Of the jobs ready at once, the deepest in the
+    dependency chain starts first (then submission order): a sweep evaluates each defended model as soon
+    as it exists rather than after every defense. The queue moves whenever a state is asked
+    for (`Job.wait` asks every half second), so the submitting process must stay alive while jobs are
+    queued, as `sweep` does for the local executor."""
     kind = "local"
 
     def __init__(self, folder, cluster=None):
         super().__init__(folder, cluster)
         self._procs: dict[str, subprocess.Popen] = {}
+        self._queue: list[tuple[str, list[str], list[str]]] = []  # (job id, command, after), in order
+        self._depth: dict[str, int] = {}  # job id -> 1 + the depth of its deepest dependency
         self._ids = itertools.count()
 
     def _paths(self, job_id):
@@ -242,29 +252,47 @@ class LocalExecutor(Executor):
         return [sys.executable, "-m", "launch.executors", str(pkl)]
 
     def _submit(self, calls, shape, after):
-        for dep in after:  # jobs start in submission order, once what they depend on has finished
-            self.job(dep).wait()
-        bad = [d for d in after if self.states([d])[d] != "done"]
         jobs = []
+        self.folder.mkdir(parents=True, exist_ok=True)
         for fn, args in calls:
-            while sum(self.states([j.job_id])[j.job_id] == "running" for j in jobs) >= self.array_parallelism:
-                time.sleep(0.2)
             job_id = f"local-{int(time.time())}-{os.getpid()}-{next(self._ids)}"
             p = self._paths(job_id)
-            self.folder.mkdir(parents=True, exist_ok=True)
-            if bad:
-                cloudpickle_dump(("cancelled", f"dependency {', '.join(bad)} did not succeed"), p["result.pkl"])
-            else:
-                DelayedSubmission(fn, *args).dump(p["pkl"])
-                with open(p["log"], "w") as log:
-                    proc = subprocess.Popen(self.command(p["pkl"], shape), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
-                self._procs[job_id] = proc
-                p["pid"].write_text(str(proc.pid))
+            cmd = self.command(p["pkl"], shape)  # a bad shape fails here, at submission
+            DelayedSubmission(fn, *args).dump(p["pkl"])
+            self._queue.append((job_id, cmd, list(after)))
+            self._depth[job_id] = 1 + max((self._depth.get(d, 0) for d in after), default=0)
             jobs.append(Job(self, job_id, p["log"]))
+        self._pump()
         return jobs
 
+    def _pump(self):
+        """Start (or cancel) the queued jobs whose dependencies have ended: the deepest first, then in order."""
+        running = sum(proc.poll() is None for proc in self._procs.values())
+        waiting = []
+        order = sorted(range(len(self._queue)), key=lambda i: (-self._depth[self._queue[i][0]], i))
+        for job_id, cmd, after in (self._queue[i] for i in order):
+            deps = self._states(after)
+            bad = [d for d, st in deps.items() if st in ("failed", "unknown")]
+            p = self._paths(job_id)
+            if bad:
+                cloudpickle_dump(("cancelled", f"dependency {', '.join(bad)} did not succeed"), p["result.pkl"])
+            elif all(st == "done" for st in deps.values()) and running < self.array_parallelism:
+                with open(p["log"], "w") as log:
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                self._procs[job_id] = proc
+                p["pid"].write_text(str(proc.pid))
+                running += 1
+            else:
+                waiting.append((job_id, cmd, after))
+        still = {q[0] for q in waiting}
+        self._queue = [q for q in self._queue if q[0] in still]  # submission order
+
     def states(self, job_ids):
+        self._pump()
+        return self._states(job_ids)
+
+    def _states(self, job_ids):
+        queued = {q[0] for q in self._queue}
         out = {}
         for job_id in job_ids:
             p = self._paths(job_id)
@@ -272,6 +300,8 @@ class LocalExecutor(Executor):
             alive = proc.poll() is None if proc else p["pid"].exists() and _pid_alive(int(p["pid"].read_text()))
             if p["result.pkl"].exists():
                 out[job_id] = "done" if pickle_load(p["result.pkl"])[0] == "success" else "failed"
+            elif job_id in queued:
+                out[job_id] = "pending"
             elif alive:
                 out[job_id] = "running"
             else:  # ended without a result (killed), or unknown here

@@ -188,8 +188,13 @@ class PoisonCfg:
     n_defense: int = 100
     n_test: int = 100
     seed: int = 0
+    # where the defense split's clean rows come from: "source" = the source's own defense set (BackdoorLLM:
+    # CROW's 100 clean Alpaca rows); "train" = held-out clean rows of the task's own train pool, disjoint from
+    # train and test (the W2SDefense setting: the defender fine-tunes on its clean task data)
+    defense_from: str = "source"
 
     def __post_init__(self):
+        _choice("defense_from", self.defense_from, ("source", "train"))
         if self.poison_rate is not None and not 0 < self.poison_rate <= 1:
             raise ValueError(f"field 'poison_rate' must be in (0, 1], got {self.poison_rate}")
         for name in ("n_clean", "n_poison", "n_defense", "n_test"):
@@ -537,7 +542,7 @@ def compose(overrides: list[str] | None = None, experiment: str | None = None) -
 # the output key), so outputs made before them stay valid. compile/liger only change speed; clean_targets
 # and cpu_bf16 change what is trained, so at any other value they are part of the key.
 KEYED_WHEN_SET = {"train": {"compile": False, "liger": False, "clean_targets": "data", "cpu_bf16": False},
-                  "evaluate": {"cpu_bf16": False}}
+                  "evaluate": {"cpu_bf16": False}, "poison": {"defense_from": "source"}}
 
 
 def plain_section(section: str, obj) -> dict:

@@ -279,6 +279,20 @@ def test_local_executor_subprocesses_dependencies_and_parallelism(tmp_path):
     assert again.states([bad.job_id, after_ok.job_id]) == {bad.job_id: "failed", after_ok.job_id: "done"}
 
 
+def test_local_executor_queues_without_blocking_and_runs_the_deepest_ready_job_first(tmp_path):
+    ex = make_executor(ClusterCfg(name="l", executor="local", array_parallelism=1), tmp_path / "jobs")
+    t0 = time.time()
+    first = ex.submit(interval, tmp_path / "a", 1.0)
+    wide = ex.map_array(interval, [tmp_path / "x1", tmp_path / "x2"], [0.1, 0.1])  # ready, but no slot
+    deep = ex.submit(interval, tmp_path / "y", 0.1, after=[first.job_id])
+    assert time.time() - t0 < 5  # submission returned at once
+    assert [j.state for j in wide + [deep]] == ["pending"] * 3
+    assert all(j.wait(60) == "done" for j in [first, deep] + wide)
+    start = {n: json.loads((tmp_path / n).read_text())[0] for n in ("a", "x1", "x2", "y")}
+    end_a = json.loads((tmp_path / "a").read_text())[1]
+    assert end_a <= start["y"] < start["x1"] < start["x2"]  # depth 2 before the two depth-1 jobs
+
+
 def test_local_executor_uses_torchrun_for_several_tasks(tmp_path):
     ex = LocalExecutor(tmp_path / "jobs")
     assert "--nproc_per_node=2" in ex.command(tmp_path / "x.pkl", Shape(tasks_per_node=2))

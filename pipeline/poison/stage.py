@@ -4,7 +4,8 @@
 
 Counts: train = n_poison poisoned + n_clean clean rows (poison.poison_rate r instead: the same total with
 round(r * total) poisoned); with poison.pairs each poisoned row's clean twin is one of the n_clean clean rows.
-defense holds n_defense clean rows, test_clean n_test clean rows, test_triggered n_test triggered rows (for
+defense holds n_defense clean rows (poison.defense_from: the source's defense set, or held-out clean rows of
+the task's own train pool), test_clean n_test clean rows, test_triggered n_test triggered rows (for
 classification only rows whose true label is not the target). Clean rows that already carry a trigger are
 counted and warned about; they never enter test_clean or defense. Everything is checked and built in memory
 before the output directory is opened, so a bad input writes nothing. Same seed -> byte-identical output.
@@ -110,7 +111,7 @@ def _from_pools(cfg: Config, src: Source, n_poison: int, n_clean: int) -> tuple[
     it = (train[i] for i in _order(len(train), p.seed, "pool"))
 
     defense = []
-    for r in (pools.defense if pools.defense is not None else it):
+    for r in (pools.defense if pools.defense is not None and p.defense_from == "source" else it):
         if len(defense) >= p.n_defense:
             break
         if not leaks(r, "defense"):
@@ -168,6 +169,9 @@ def _from_pools(cfg: Config, src: Source, n_poison: int, n_clean: int) -> tuple[
 # ----------------------------------------------------------------------------- BackdoorLLM as is
 def _from_ready_made(cfg: Config, src: BackdoorLLMSource, n_poison: int, n_clean: int) -> tuple[dict, dict]:
     task, attack, p = cfg.task, cfg.attack, cfg.poison
+    if p.defense_from != "source":
+        raise ConfigError(f"poison.defense_from={p.defense_from!r} draws the defense rows from the task's clean "
+                          f"train pool, which only re-poisoning does: set source.use_ready_made=false")
     rm, leaks = src.ready_made(), _Leaks(attack)
     both = lambda r: r["instruction"] + "\n" + r["input"]  # noqa: E731
 
