@@ -1,6 +1,7 @@
 """Baselines prune (Wanda) and quantize (4-bit NF4): exact per-row sparsity of the lowest |W|*||X|| scores,
 padding-free calibration statistics, the stage output; quantize refuses cleanly without bitsandbytes and,
 where it imports, writes a model that loads and runs in 4-bit."""
+import copy
 import argparse
 import importlib.util
 import sys
@@ -115,12 +116,36 @@ def test_wanda_statistics_exclude_padding_and_follow_pruned_layers():
             assert (g.weight == 0).sum(1).tolist() == [g.in_features // 2] * g.out_features
 
 
+def test_wanda_chained_layers_match_the_prefix_passes():
+    """On a Llama model (its decoder layers add their own residual) the cached layer-by-layer path is taken
+    and gives exactly the masks of the prefix-rerun path; left and right padding alike."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    arch = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(LlamaConfig(**arch)).eval()
+    ids = torch.randint(1, 40, (4, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    mask[3, 2:] = 0
+    batches = [(ids[:2], mask[:2]), (ids[2:], mask[2:])]
+    fast, slow = copy.deepcopy(ref), copy.deepcopy(ref)
+    got = prune.wanda_prune(fast, batches, 0.5)
+    want = prune.wanda_prune(slow, batches, 0.5, chain=False)
+    assert got["chained"] is True and want["chained"] is False
+    assert prune.wanda_prune(_Toy(), [(ids[:, :3] % 10, mask[:, :3])], 0.5)["chained"] is False  # residual outside
+    for (name, a), (_, b) in zip(fast.named_modules(), slow.named_modules()):
+        if isinstance(a, torch.nn.Linear) and ".layers." in name:
+            assert torch.equal(a.weight == 0, b.weight == 0), name
+    assert got["calib_tokens"] == want["calib_tokens"] == int(mask.sum())
+
+
 def test_prune_stage_exact_fraction_per_row(backdoored, monkeypatch):
     from pipeline.models import load_trained
     runs, data, inj = backdoored
     out = _defend(runs, data, inj, "prune", monkeypatch)
     m = store.read_manifest(out)
-    assert m["metrics"]["method"] == "wanda" and m["metrics"]["n_linears"] == 4 * 7
+    assert m["metrics"]["method"] == "wanda" and m["metrics"]["n_linears"] == 4 * 7 and m["metrics"]["chained"] is True
     assert (out / "model" / "model.safetensors").is_file() and not (out / "model" / "adapter_config.json").exists()
     pruned, _, _ = load_trained(out)
     merged, _, _ = load_trained(inj, merge=True)

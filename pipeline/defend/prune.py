@@ -4,7 +4,8 @@ Every linear layer inside the decoder layers is scored score_ij = |W_ij| * ||X_j
 input feature over all calibration tokens, and the lowest `sparsity` fraction of each output row
 (floor(sparsity * in_features) weights) is set to zero. As in the official Wanda code, layers are pruned
 in order and a layer's statistics are gathered with the layers before it already pruned (all linears of
-one layer from one pass). Calibration: `n_calib` clean prompts of the defense split in the shared prompt
+one layer from one pass); each layer runs on the cached, pruned outputs of the one before (2L layer
+passes), or, for layers that do not chain, on a fresh pass of the model's prefix. Calibration: `n_calib` clean prompts of the defense split in the shared prompt
 format (choice: prompts only, no responses; padding excluded). Output: full safetensors + tokenizer.
 """
 from __future__ import annotations
@@ -87,49 +88,116 @@ class _Stop(Exception):
     pass
 
 
+def _linears(layer) -> dict:
+    return {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _stat_hooks(linears: dict, sq: dict, state: dict) -> list:
+    """Forward hooks adding each linear's squared input features over the real (non-pad) tokens to sq."""
+    def hook_for(name):
+        def hook(mod, inp, out):
+            x = inp[0].detach().to(torch.float64)
+            m = state["mask"].to(x.device).reshape(-1).bool()
+            sq[name] += x.reshape(-1, x.shape[-1])[m].pow(2).sum(0)
+        return hook
+    return [m.register_forward_hook(hook_for(n)) for n, m in linears.items()]
+
+
+def _prune_layer(linears: dict, sq: dict, sparsity: float) -> tuple[int, int]:
+    zeros = total = 0
+    for n, m in linears.items():
+        drop = wanda_mask(m.weight, sq[n].sqrt(), sparsity)
+        m.weight.masked_fill_(drop.to(m.weight.device), 0)
+        zeros += int(drop.sum())
+        total += drop.numel()
+    return zeros, total
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _chain_inputs(model, layers, batches, device) -> list | None:
+    """Each batch's (args, kwargs) into the first decoder layer, when the layers chain: layer i's output is
+    layer i+1's input (a decoder layer that adds its own residual, as Hugging Face's do). Checked on the
+    first batch against the input the model itself hands layer 1; None when they do not chain (then every
+    layer's statistics come from a pass of the model's prefix)."""
+    if len(layers) < 2:
+        return None
+    caught, into_1 = [], []
+
+    def first(mod, args, kwargs):
+        caught.append((args, kwargs))
+
+    def second(mod, args, kwargs):
+        into_1.append(args[0] if args else kwargs.get("hidden_states"))
+        raise _Stop
+
+    hooks = [layers[0].register_forward_pre_hook(first, with_kwargs=True),
+             layers[1].register_forward_pre_hook(second, with_kwargs=True)]
+    try:
+        for ids, mask in batches:
+            try:
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    if len(caught) != len(batches) or not into_1 or into_1[0] is None:
+        return None
+    args, kwargs = caught[0]
+    out = _hidden(layers[0](*args, **kwargs))
+    return caught if torch.is_tensor(out) and out.shape == into_1[0].shape and torch.equal(out, into_1[0]) else None
+
+
 @torch.no_grad()
-def wanda_prune(model, batches, sparsity: float) -> dict:
-    """Prune `model` in place, layer by layer; returns counts."""
+def wanda_prune(model, batches, sparsity: float, chain: bool = True) -> dict:
+    """Prune `model` in place, layer by layer; returns counts. When the decoder layers chain (see
+    `_chain_inputs`; `chain=False` never assumes it), each layer runs once on the cached outputs of the
+    pruned layer before it and once more pruned, as the official Wanda code does: 2L layer passes instead
+    of L passes of a growing prefix. The statistics are the same either way."""
     layers = decoder_layers(model)
     device = next(model.parameters()).device
-    n_lin, zeros, total, tokens = 0, 0, 0, 0
-    for li, layer in enumerate(layers):
-        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    n_lin, zeros, total = 0, 0, 0
+    tokens = int(sum(int(mask.sum()) for _, mask in batches))
+    cached = _chain_inputs(model, layers, batches, device) if chain else None
+    for layer in layers:
+        linears = _linears(layer)
         sq = {n: torch.zeros(m.in_features, dtype=torch.float64, device=device) for n, m in linears.items()}
         state = {}
-
-        def stat_hook(name, sq=sq, state=state):
-            def hook(mod, inp, out):
-                x = inp[0].detach().to(torch.float64)
-                m = state["mask"].to(x.device).reshape(-1).bool()
-                sq[name] += x.reshape(-1, x.shape[-1])[m].pow(2).sum(0)
-            return hook
-
-        def stop(mod, inp, out):
-            raise _Stop
-
-        hooks = [m.register_forward_hook(stat_hook(n)) for n, m in linears.items()]
-        hooks.append(layer.register_forward_hook(stop))  # later layers are not needed for this one
+        hooks = _stat_hooks(linears, sq, state)
+        if cached is None:
+            hooks.append(layer.register_forward_hook(_raise_stop))  # later layers are not needed for this one
         try:
-            for ids, mask in batches:
+            for bi, (ids, mask) in enumerate(batches):
                 state["mask"] = mask
+                if cached is not None:
+                    args, kwargs = cached[bi]
+                    layer(*args, **kwargs)
+                    continue
                 try:
                     model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
                 except _Stop:
                     pass
-                if li == 0:
-                    tokens += int(mask.sum())
         finally:
             for h in hooks:
                 h.remove()
-        for n, m in linears.items():
-            drop = wanda_mask(m.weight, sq[n].sqrt(), sparsity)
-            m.weight[drop] = 0
-            n_lin += 1
-            zeros += int(drop.sum())
-            total += drop.numel()
+        z, t = _prune_layer(linears, sq, sparsity)
+        n_lin, zeros, total = n_lin + len(linears), zeros + z, total + t
+        if cached is not None:  # the next layer's inputs: this layer's outputs, pruned
+            cached = [_with_hidden(args, kwargs, _hidden(layer(*args, **kwargs))) for args, kwargs in cached]
     return {"n_layers": len(layers), "n_linears": n_lin, "calib_tokens": tokens,
-            "pruned_fraction": zeros / max(1, total)}
+            "pruned_fraction": zeros / max(1, total), "chained": cached is not None}
+
+
+def _with_hidden(args: tuple, kwargs: dict, h) -> tuple:
+    """The same layer call with `h` as its hidden states (positional or the `hidden_states` keyword)."""
+    return ((h,) + tuple(args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": h})
+
+
+def _raise_stop(mod, inp, out):
+    raise _Stop
 
 
 def apply(params: Params, ctx, out_dir: Path) -> dict:
