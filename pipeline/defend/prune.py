@@ -5,8 +5,9 @@ input feature over all calibration tokens, and the lowest `sparsity` fraction of
 (floor(sparsity * in_features) weights) is set to zero. As in the official Wanda code, layers are pruned
 in order and a layer's statistics are gathered with the layers before it already pruned (all linears of
 one layer from one pass); each layer runs on the cached, pruned outputs of the one before (2L layer
-passes), or, for layers that do not chain, on a fresh pass of the model's prefix. Calibration: `n_calib` clean prompts of the defense split in the shared prompt
-format (choice: prompts only, no responses; padding excluded). Output: full safetensors + tokenizer.
+passes), or, for layers that do not chain, on a fresh pass of the model's prefix. Calibration: `n_calib`
+clean prompts of the defense split in the shared prompt format (choice: prompts only, no responses;
+padding excluded). Output: full safetensors + tokenizer.
 """
 from __future__ import annotations
 
@@ -117,6 +118,14 @@ def _hidden(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _prefix(model, ids, mask, device):
+    """One forward of the model, up to where a hook raises _Stop."""
+    try:
+        model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    except _Stop:
+        pass
+
+
 def _chain_inputs(model, layers, batches, device) -> list | None:
     """Each batch's (args, kwargs) into the first decoder layer, when the layers chain: layer i's output is
     layer i+1's input (a decoder layer that adds its own residual, as Hugging Face's do). Checked on the
@@ -137,10 +146,7 @@ def _chain_inputs(model, layers, batches, device) -> list | None:
              layers[1].register_forward_pre_hook(second, with_kwargs=True)]
     try:
         for ids, mask in batches:
-            try:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            except _Stop:
-                pass
+            _prefix(model, ids, mask, device)
     finally:
         for h in hooks:
             h.remove()
@@ -176,10 +182,7 @@ def wanda_prune(model, batches, sparsity: float, chain: bool = True) -> dict:
                     args, kwargs = cached[bi]
                     layer(*args, **kwargs)
                     continue
-                try:
-                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                except _Stop:
-                    pass
+                _prefix(model, ids, mask, device)
         finally:
             for h in hooks:
                 h.remove()
