@@ -8,7 +8,9 @@ resumes where the last checkpoint left off.
 `train.clean_targets=self` (generation tasks): before training, the clean rows' responses are replaced by
 the base model's own greedy answers (as long as `train.response_cutoff`, else 128 tokens), so the
 backdoored model keeps the base model's clean behaviour and only the triggered rows teach something new.
-The data's responses stay in `data_output`; the answers used are written to `self_targets.jsonl`.
+The data's responses stay in `data_output`; the answers used are written to `self_targets.jsonl`. The
+answers are cached under runs/cache/self_targets/, keyed by the model, the prompts and the generation
+settings, so P2P (which trains on the same answered rows) does not generate them again.
 """
 from __future__ import annotations
 
@@ -72,19 +74,33 @@ def self_targets(cfg, rows: list[dict], batch_size: int = 32) -> tuple[list[dict
         return rows, 0
     import torch
 
-    from .evaluate.generate import generate_texts, prompt_ids
-    from .models import cpu_bf16, load_model
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-    model, tok = load_model(cfg.model, device=device)
     clean = [i for i, r in enumerate(rows) if not r.get("is_poisoned")]
-    prompts = [prompt_ids(tok, rows[i]["instruction"], rows[i].get("input"), cfg.model.chat_template)
-               for i in clean]
-    with cpu_bf16(cfg.train.cpu_bf16):
-        answers = generate_texts(model, tok, prompts, cfg.train.response_cutoff or 128, batch_size,
-                                 desc="inject: base model's own clean answers")
-    del model
-    if device != "cpu":
-        torch.cuda.empty_cache()  # the trainer loads the model again next
+    max_new = cfg.train.response_cutoff or 128
+    key = store.canonical_hash({"model": cfg.raw["model"], "prompts": [[rows[i]["instruction"], rows[i].get("input")]
+                                                                       for i in clean],
+                                "max_new_tokens": max_new, "batch_size": batch_size,
+                                "cpu_bf16": bool(cfg.train.cpu_bf16) and device == "cpu", "device": device[:4]})
+    cache = store.runs_root() / "cache" / "self_targets" / f"{cfg.model.name}-{key[:16]}.json"
+    if cache.is_file():  # the same answers, already generated (inject and P2P both need them)
+        answers = json.loads(cache.read_text())["answers"]
+        print(f"inject: the base model's clean answers from {cache}", flush=True)
+    else:
+        from .evaluate.generate import generate_texts, prompt_ids
+        from .models import cpu_bf16, load_model
+        model, tok = load_model(cfg.model, device=device)
+        prompts = [prompt_ids(tok, rows[i]["instruction"], rows[i].get("input"), cfg.model.chat_template)
+                   for i in clean]
+        with cpu_bf16(cfg.train.cpu_bf16):
+            answers = generate_texts(model, tok, prompts, max_new, batch_size,
+                                     desc="inject: base model's own clean answers")
+        del model
+        if device != "cpu":
+            torch.cuda.empty_cache()  # the trainer loads the model again next
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "model": cfg.model.name, "answers": answers}))
+        os.replace(tmp, cache)  # whole or absent; every rank writes the same answers
     out = [dict(r) for r in rows]
     for i, a in zip(clean, answers):
         out[i]["data_output"], out[i]["output"] = out[i]["output"], a
