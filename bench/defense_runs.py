@@ -6,7 +6,8 @@ keeps only the latest of (one cell per defense name), listed in full: tuned vari
                                                          # before that name became the 20-minute preset
 The `n` column (triggered + clean test prompts) tells the full-size runs from the demo's.
 A variant's settings are what its defend config changed from configs/defense/<name>.yaml (params and
-train); the defense's wall time is the defend stage's.
+train); `data` is what its poisoned set changed from the experiment's `poison` section (e.g.
+poison.defense_from=train); the defense's wall time is the defend stage's.
 """
 from __future__ import annotations
 
@@ -40,6 +41,24 @@ def changed(defense: dict, name: str) -> str:
     return ", ".join(out) or "as shipped"
 
 
+def data_changed(m: dict) -> str:
+    """`poison.key=value` for each poison setting of the run's data that differs from its experiment's."""
+    from pipeline import store
+    from pipeline.config import compose
+    data = Path(m.get("data") or "")
+    if not data.is_absolute() and not data.is_dir():
+        data = ROOT / data  # written relative to the repository
+    if not (data / "config.yaml").is_file():
+        return "–"
+    try:
+        ref = compose([f"experiment={m['experiment']}", f"task={m['task']}", f"attack={m['attack']}"]).raw["poison"]
+    except Exception:  # noqa: BLE001 - an experiment renamed since: say nothing rather than fail the listing
+        return "–"
+    got = store.read_config(data).get("poison") or {}
+    out = [f"poison.{k}={v}" for k, v in sorted(got.items()) if ref.get(k) != v]
+    return ", ".join(out) or "as the experiment"
+
+
 def ci(m, k) -> str:
     lo, hi = m.get(f"{k}_ci") or (None, None)
     return "–" if m.get(k) is None else f"{m[k]:.2f} [{lo:.2f}, {hi:.2f}]"
@@ -61,11 +80,13 @@ def rows(experiments) -> list[dict]:
             setting = changed(yaml.safe_load((mdir / "config.yaml").read_text())["defense"], m["defense"])
             wall = store.read_manifest(mdir).get("wall_s")
         out.append({"task": m["task"], "attack": m["attack"], "defense": m["defense"], "setting": setting,
+                    "data": data_changed(m),
                     "asr": ci(m, "asr"), "ftr": ci(m, "ftr"), "clean": f"{m['clean_metric']} {m['clean_value']:.3f}",
                     "defense_s": "–" if wall is None else f"{wall:,.0f}", "eval": d.name,
                     "n": f"{m.get('n_test_triggered', '?')}+{m.get('n_test_clean', '?')}"})
     order = {"none": 0, "base": 2}
-    return sorted(out, key=lambda r: (r["task"], r["attack"], order.get(r["defense"], 1), r["defense"], r["setting"]))
+    return sorted(out, key=lambda r: (r["task"], r["attack"], r["data"], order.get(r["defense"], 1), r["defense"],
+                                      r["setting"]))
 
 
 def main(argv):
@@ -74,10 +95,11 @@ def main(argv):
     if not rs:
         print(f"no complete evaluate outputs for experiment(s) {', '.join(exps)}")
         return 1
-    print("| task / attack | n | defense | setting | ASR [95% CI] | FTR [95% CI] | clean | defense s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| task / attack | data | n | defense | setting | ASR [95% CI] | FTR [95% CI] | clean | defense s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rs:
-        print(f"| {r['task']} / {r['attack']} | {r['n']} | {r['defense']} | {r['setting']} | {r['asr']} | {r['ftr']} | "
+        print(f"| {r['task']} / {r['attack']} | {r['data']} | {r['n']} | {r['defense']} | {r['setting']} | {r['asr']} | "
+              f"{r['ftr']} | "
               f"{r['clean']} | {r['defense_s']} |")
     return 0
 

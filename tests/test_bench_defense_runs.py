@@ -24,7 +24,13 @@ def test_defense_runs_lists_variants_with_their_settings(tmp_path):
         mdir = runs / "defend" / f"m-osft-{tag}"
         _out(mdir, {"config.yaml": yaml.safe_dump({"defense": {"name": "osft", **dcfg}}),
                     "manifest.json": json.dumps({"wall_s": 100.0})})
+        from pipeline.config import compose
+        poison = compose(["experiment=bench-defenses", "task=sst2", "attack=badnet"]).raw["poison"]
+        data = runs / "poison" / f"p-{tag}"
+        _out(data, {"config.yaml": yaml.safe_dump({"poison": {**poison, "defense_from": "train"} if tag == "b"
+                                                   else poison})})
         m = {"experiment": "bench-defenses", "task": "sst2", "attack": "badnet", "defense": "osft", "model_dir": str(mdir),
+             "data": str(data),
              "asr": 0.5 if tag == "b" else 1.0, "asr_ci": [0.4, 0.6], "ftr": 0.0, "ftr_ci": [0.0, 0.07],
              "clean_metric": "accuracy", "clean_value": 0.8}
         _out(runs / "evaluate" / f"e-{tag}", {"metrics.json": json.dumps(m), "manifest.json": "{}"})
@@ -36,5 +42,6 @@ def test_defense_runs_lists_variants_with_their_settings(tmp_path):
     assert p.returncode == 0, p.stderr
     rows = [line for line in p.stdout.splitlines() if line.startswith("| sst2")]
     assert len(rows) == 2  # both variants of osft, not the other experiment's output
-    assert any("as shipped" in r and "1.00 [0.40, 0.60]" in r for r in rows)
-    assert any("train.lr=0.0001" in r and "0.50 [0.40, 0.60]" in r for r in rows)
+    assert any("as shipped" in r and "1.00 [0.40, 0.60]" in r and "| as the experiment |" in r for r in rows)
+    assert any("train.lr=0.0001" in r and "0.50 [0.40, 0.60]" in r and "| poison.defense_from=train |" in r
+               for r in rows)
