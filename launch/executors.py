@@ -219,7 +219,8 @@ class DebugExecutor(Executor):
 
 class LocalExecutor(Executor):
     """Each job is a subprocess on this machine (`torchrun --standalone` when it has several tasks).
-    Files per job under the folder: <id>.pkl (the call), <id>.log, <id>.pid, <id>.result.pkl.
+    Files per job under the folder: <id>.pkl (the call), <id>.queued (the pid of the process whose queue
+    holds it), <id>.log, <id>.pid, <id>.result.pkl.
 
     Submission never blocks: a job waits in this executor's queue (state `pending`) until each job it
     depends on is done and fewer than `cluster.array_parallelism` of this executor's jobs are running,
@@ -238,7 +239,7 @@ class LocalExecutor(Executor):
         self._ids = itertools.count()
 
     def _paths(self, job_id):
-        return {k: self.folder / f"{job_id}.{k}" for k in ("pkl", "log", "pid", "result.pkl")}
+        return {k: self.folder / f"{job_id}.{k}" for k in ("pkl", "log", "pid", "result.pkl", "queued")}
 
     def log_path(self, job_id):
         return self._paths(job_id)["log"]
@@ -259,6 +260,7 @@ class LocalExecutor(Executor):
             p = self._paths(job_id)
             cmd = self.command(p["pkl"], shape)  # a bad shape fails here, at submission
             DelayedSubmission(fn, *args).dump(p["pkl"])
+            p["queued"].write_text(str(os.getpid()))  # whose queue holds it (for `status` in another process)
             self._queue.append((job_id, cmd, list(after)))
             self._depth[job_id] = 1 + max((self._depth.get(d, 0) for d in after), default=0)
             jobs.append(Job(self, job_id, p["log"]))
@@ -300,8 +302,9 @@ class LocalExecutor(Executor):
             alive = proc.poll() is None if proc else p["pid"].exists() and _pid_alive(int(p["pid"].read_text()))
             if p["result.pkl"].exists():
                 out[job_id] = "done" if pickle_load(p["result.pkl"])[0] == "success" else "failed"
-            elif job_id in queued:
-                out[job_id] = "pending"
+            elif job_id in queued or (not p["pid"].exists() and p["queued"].exists()
+                                      and _pid_alive(int(p["queued"].read_text()))):
+                out[job_id] = "pending"  # in this queue, or in the queue of a live process
             elif alive:
                 out[job_id] = "running"
             else:  # ended without a result (killed), or unknown here

@@ -287,6 +287,8 @@ def test_local_executor_queues_without_blocking_and_runs_the_deepest_ready_job_f
     deep = ex.submit(interval, tmp_path / "y", 0.1, after=[first.job_id])
     assert time.time() - t0 < 5  # submission returned at once
     assert [j.state for j in wide + [deep]] == ["pending"] * 3
+    other = LocalExecutor(tmp_path / "jobs")  # e.g. `status` in another process: pending while we live
+    assert other.states([deep.job_id]) == {deep.job_id: "pending"}
     assert all(j.wait(60) == "done" for j in [first, deep] + wide)
     start = {n: json.loads((tmp_path / n).read_text())[0] for n in ("a", "x1", "x2", "y")}
     end_a = json.loads((tmp_path / "a").read_text())[1]
