@@ -6,7 +6,8 @@ keeps only the latest of (one cell per defense name), listed in full: tuned vari
                                                          # before that name became the 20-minute preset
 The `n` column (triggered + clean test prompts) tells the full-size runs from the demo's.
 A variant's settings are what its defend config changed from configs/defense/<name>.yaml (params and
-train); `data` is what its poisoned set changed from the experiment's `poison` section (e.g.
+train), and a no-defense row's what its injection's `train` section changed from the experiment's; `data` is
+what its poisoned set changed from the experiment's `poison` section (e.g.
 poison.defense_from=train); the defense's wall time is the defend stage's.
 """
 from __future__ import annotations
@@ -41,22 +42,28 @@ def changed(defense: dict, name: str) -> str:
     return ", ".join(out) or "as shipped"
 
 
-def data_changed(m: dict) -> str:
-    """`poison.key=value` for each poison setting of the run's data that differs from its experiment's."""
+def section_changed(m: dict, key: str, section: str, same: str) -> str | None:
+    """`section.key=value` for each setting in the `section` of the output at m[key] (a poisoned set, a
+    model) that differs from the run's experiment; None when either side cannot be read."""
     from pipeline import store
     from pipeline.config import compose
-    data = Path(m.get("data") or "")
-    if not data.is_absolute() and not data.is_dir():
-        data = ROOT / data  # written relative to the repository
-    if not (data / "config.yaml").is_file():
-        return "–"
+    path = Path(m.get(key) or "")
+    if not path.is_absolute() and not path.is_dir():
+        path = ROOT / path  # written relative to the repository
+    if not (path / "config.yaml").is_file():
+        return None
     try:
-        ref = compose([f"experiment={m['experiment']}", f"task={m['task']}", f"attack={m['attack']}"]).raw["poison"]
+        ref = compose([f"experiment={m['experiment']}", f"task={m['task']}", f"attack={m['attack']}"]).raw[section]
     except Exception:  # noqa: BLE001 - an experiment renamed since: say nothing rather than fail the listing
-        return "–"
-    got = store.read_config(data).get("poison") or {}
-    out = [f"poison.{k}={v}" for k, v in sorted(got.items()) if ref.get(k) != v]
-    return ", ".join(out) or "as the experiment"
+        return None
+    got = store.read_config(path).get(section) or {}
+    out = [f"{section}.{k}={v}" for k, v in sorted(got.items()) if ref.get(k) != v]
+    return ", ".join(out) or same
+
+
+def data_changed(m: dict) -> str:
+    """`poison.key=value` for each poison setting of the run's data that differs from its experiment's."""
+    return section_changed(m, "data", "poison", "as the experiment") or "–"
 
 
 def ci(m, k) -> str:
@@ -79,6 +86,8 @@ def rows(experiments) -> list[dict]:
         if m["defense"] not in ("none", "base") and (mdir / "config.yaml").is_file():
             setting = changed(yaml.safe_load((mdir / "config.yaml").read_text())["defense"], m["defense"])
             wall = store.read_manifest(mdir).get("wall_s")
+        elif m["defense"] == "none":  # the backdoored model: its training recipe, where not the experiment's
+            setting = section_changed(m, "model_dir", "train", "–") or "–"
         out.append({"task": m["task"], "attack": m["attack"], "defense": m["defense"], "setting": setting,
                     "data": data_changed(m),
                     "asr": ci(m, "asr"), "ftr": ci(m, "ftr"), "clean": f"{m['clean_metric']} {m['clean_value']:.3f}",
