@@ -42,7 +42,7 @@ test: $(STAMP)
 DEMO_EXPERIMENT ?= $(if $(wildcard ../shared/data/backdoorllm/README.md),demo,demo-synthetic)
 demo: $(STAMP)
 	$(PY) -m pipeline generate model=smollm2-135m --max-new-tokens 24
-	time $(PY) -m pipeline sweep experiment=$(DEMO_EXPERIMENT) cluster=local cluster.array_parallelism=2 $(ARGS) --wait
+	time $(PY) -m pipeline sweep experiment=$(DEMO_EXPERIMENT) cluster=local $(ARGS) --wait
 	$(PY) -m pipeline evaluate experiment=$(DEMO_EXPERIMENT) $(ARGS) --base
 	$(PY) -m pipeline report experiment=$(DEMO_EXPERIMENT) 'report.tasks=[negsentiment]' 'report.attacks=[badnet]' \
 	  'report.defenses=[none,finetune,osft,sande,crow,w2sdefense,p2p,prune,quantize]'
