@@ -1,7 +1,7 @@
 """The real stages (tiny random Llama, synthetic data) on a real one-node Slurm (the session fixture `slurm`
 of tests/conftest.py, shared with tests/test_slurm.py, which covers the same ground with fake stages):
 
-1. `python -m pipeline sweep ... --wait` of 2 attacks x 3 defenses: job arrays with afterok
+1. `python -m pipeline sweep ... --wait` of 2 attacks x 3 defenses: jobs and job arrays with afterok
    dependencies, each job started after its inputs' jobs ended, and the report table.
 2. An inject job requeued (`scontrol requeue`) after its first checkpoint resumes from it and ends with
    the adapter of an uninterrupted run.
@@ -102,18 +102,23 @@ def test_sweep_job_arrays_afterok_and_report(swept):
     recs = state_runs(runs)
     assert set(recs) == set(expected) and len(expected) == 15, p.stderr
     assert "15 runs: 0 done, 0 queued, 15 submitted" in p.stderr
-    # every stage but the report was an array (2 poisons, 2 injects, 4 defenses, 2 + 4 evaluations)
+    # one array per exact set of input jobs: the 2 poisons together, each attack's 2 defenses together
+    # after its injection; every other run (2 injects, 6 evaluations, the report) waits on its own inputs
     arrays: dict[str, set] = {}
+    singles = []
     for key, rec in recs.items():
-        assert rec["executor"] == "slurm"
-        if expected[key].stage != "report":
-            assert re.fullmatch(r"\d+_\d+", rec["job_id"]), rec
+        assert rec["executor"] == "slurm" and re.fullmatch(r"\d+(_\d+)?", rec["job_id"]), rec
+        if "_" in rec["job_id"]:
             arrays.setdefault(rec["job_id"].split("_")[0], set()).add(rec["job_id"])
-    assert sorted(len(m) for m in arrays.values()) == [2, 2, 2, 4, 4], arrays
+        else:
+            singles.append(expected[key].stage)
+    assert sorted(len(m) for m in arrays.values()) == [2, 2, 2], arrays
+    assert sorted(singles) == sorted(["inject"] * 2 + ["evaluate"] * 6 + ["report"]), singles
     jobs = Path(runs) / "sweeps" / "tiny" / "jobs"
-    defend = next(r["job_id"].split("_")[0] for k, r in recs.items() if expected[k].stage == "defend")
-    script = (jobs / f"{defend}_submission.sh").read_text()
-    assert "#SBATCH --array=0-3%4" in script and "#SBATCH --dependency=afterok:" in script, script
+    key = next(k for k in recs if expected[k].stage == "defend")
+    script = (jobs / f"{recs[key]['job_id'].split('_')[0]}_submission.sh").read_text()
+    inject = recs[expected[key].deps[0]]["job_id"]
+    assert "#SBATCH --array=0-1%" in script and f"#SBATCH --dependency=afterok:{inject}\n" in script, script
     # Slurm ran each job after the jobs of its inputs had ended
     acct = sacct(r["job_id"] for r in recs.values())
     for key, run in expected.items():
