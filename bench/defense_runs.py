@@ -12,6 +12,7 @@ poison.defense_from=train); the defense's wall time is the defend stage's.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -42,20 +43,29 @@ def changed(defense: dict, name: str) -> str:
     return ", ".join(out) or "as shipped"
 
 
+@functools.lru_cache(maxsize=None)
+def _experiment_raw(experiment: str, task: str, attack: str) -> dict | None:
+    """The experiment's resolved sections for one cell (composed once per cell, not once per row)."""
+    from pipeline.config import compose
+    try:
+        return compose([f"experiment={experiment}", f"task={task}", f"attack={attack}"]).raw
+    except Exception:  # noqa: BLE001 - an experiment renamed since: say nothing rather than fail the listing
+        return None
+
+
 def section_changed(m: dict, key: str, section: str, same: str) -> str | None:
     """`section.key=value` for each setting in the `section` of the output at m[key] (a poisoned set, a
     model) that differs from the run's experiment; None when either side cannot be read."""
     from pipeline import store
-    from pipeline.config import compose
     path = Path(m.get(key) or "")
     if not path.is_absolute() and not path.is_dir():
         path = ROOT / path  # written relative to the repository
     if not (path / "config.yaml").is_file():
         return None
-    try:
-        ref = compose([f"experiment={m['experiment']}", f"task={m['task']}", f"attack={m['attack']}"]).raw[section]
-    except Exception:  # noqa: BLE001 - an experiment renamed since: say nothing rather than fail the listing
+    ref = _experiment_raw(m["experiment"], m["task"], m["attack"])
+    if ref is None:
         return None
+    ref = ref[section]
     got = store.read_config(path).get(section) or {}
     out = [f"{section}.{k}={v}" for k, v in sorted(got.items()) if ref.get(k) != v]
     return ", ".join(out) or same

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -136,10 +135,7 @@ class SweepState:
                               "submitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def save(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"runs": self.runs}, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        store.write_json_atomic(self.path, {"runs": self.runs}, indent=1, sort_keys=True)
 
 
 def sweep_dir(experiment: str) -> Path:

@@ -97,10 +97,8 @@ def self_targets(cfg, rows: list[dict], batch_size: int = 32) -> tuple[list[dict
         del model
         if device != "cpu":
             torch.cuda.empty_cache()  # the trainer loads the model again next
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "model": cfg.model.name, "answers": answers}))
-        os.replace(tmp, cache)  # whole or absent; every rank writes the same answers
+        # whole or absent; every rank writes the same answers
+        store.write_json_atomic(cache, {"key": key, "model": cfg.model.name, "answers": answers})
     out = [dict(r) for r in rows]
     for i, a in zip(clean, answers):
         out[i]["data_output"], out[i]["output"] = out[i]["output"], a

@@ -35,6 +35,15 @@ def runs_root() -> Path:
     return Path(os.environ.get("PIPELINE_RUNS", "runs"))
 
 
+def write_json_atomic(path: Path, obj, **dump_kw) -> None:
+    """`obj` as JSON at `path`, whole or not at all: written to a sibling temporary file, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, **dump_kw))
+    os.replace(tmp, path)
+
+
 def canonical_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 

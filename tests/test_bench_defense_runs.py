@@ -6,6 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.config import compose
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,6 +19,7 @@ def _out(d: Path, files: dict):
 
 
 def test_defense_runs_lists_variants_with_their_settings(tmp_path):
+    ref = compose(["experiment=bench-defenses", "task=sst2", "attack=badnet"]).raw  # what the runs differ from
     runs = tmp_path / "runs"
     shipped = yaml.safe_load((ROOT / "configs" / "defense" / "osft.yaml").read_text())
     variants = {"a": shipped, "b": {**shipped, "train": {**shipped["train"], "lr": 1e-4}}}
@@ -24,8 +27,7 @@ def test_defense_runs_lists_variants_with_their_settings(tmp_path):
         mdir = runs / "defend" / f"m-osft-{tag}"
         _out(mdir, {"config.yaml": yaml.safe_dump({"defense": {"name": "osft", **dcfg}}),
                     "manifest.json": json.dumps({"wall_s": 100.0})})
-        from pipeline.config import compose
-        poison = compose(["experiment=bench-defenses", "task=sst2", "attack=badnet"]).raw["poison"]
+        poison = ref["poison"]
         data = runs / "poison" / f"p-{tag}"
         _out(data, {"config.yaml": yaml.safe_dump({"poison": {**poison, "defense_from": "train"} if tag == "b"
                                                    else poison})})
@@ -34,8 +36,7 @@ def test_defense_runs_lists_variants_with_their_settings(tmp_path):
              "asr": 0.5 if tag == "b" else 1.0, "asr_ci": [0.4, 0.6], "ftr": 0.0, "ftr_ci": [0.0, 0.07],
              "clean_metric": "accuracy", "clean_value": 0.8}
         _out(runs / "evaluate" / f"e-{tag}", {"metrics.json": json.dumps(m), "manifest.json": "{}"})
-    from pipeline.config import compose
-    train = compose(["experiment=bench-defenses", "task=sst2", "attack=badnet"]).raw["train"]
+    train = ref["train"]
     inj = runs / "inject" / "m-none"
     _out(inj, {"config.yaml": yaml.safe_dump({"train": {**train, "epochs": 9.0}})})
     none = {"experiment": "bench-defenses", "task": "sst2", "attack": "badnet", "defense": "none", "model_dir": str(inj),
