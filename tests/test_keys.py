@@ -1,0 +1,108 @@
+"""Output keys are users' stores: the output path of every stage run of the shipped experiments is pinned.
+
+`tests/data/output_keys.json` was computed before the pipeline-graph refactor (issue 18) by this same test
+with `PIN_KEYS=write`. Each run of an experiment's sweep (and the base model's evaluation per cell) is keyed
+in dependency order inside an empty store; after each, a stand-in output (its config.yaml the run's resolved
+config, a fixed output hash, a model/ with an adapter_config.json) is written where the run would write, so
+the next stage finds its inputs exactly as it would after real runs. The poison source's fingerprint is fixed
+(the BackdoorLLM files need not be present). A mismatch means existing runs/ stores would no longer be found.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch import dag
+from pipeline import graph, store
+from pipeline.config import available, compose
+from pipeline.poison import sources
+
+PINS = Path(__file__).parent / "data" / "output_keys.json"
+EXPERIMENTS = ("demo", "embedded", "backdoorllm", "defense-grid", "tiny")
+
+
+class _FixedSource:
+    synthetic, description = False, "fixed"
+
+    def fingerprint(self):
+        return "fixed-source-fingerprint"
+
+
+def _output_dir(stage, cfg) -> Path:
+    return graph.output_dir(stage, cfg)
+
+
+def _stand_in(stage: str, path: Path, cfg):
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(cfg.to_yaml())
+    manifest = {"stage": stage, "output_hash": hashlib.sha256(f"{stage}/{path.name}".encode()).hexdigest()}
+    if stage == "defend":
+        manifest["family"] = cfg.defense.family
+        if cfg.defense.family == "training_time":
+            manifest["inference_transform"] = {"prefix": "The query currently entered is: ", "template": None,
+                                               "label_map": {}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    if stage in ("inject", "defend"):
+        (path / "model").mkdir()
+        (path / "model" / "adapter_config.json").write_text("{}")
+    (path / store.SUCCESS).write_text("")
+
+
+def keys_of(experiment: str) -> dict[str, str]:
+    cfg = compose([f"experiment={experiment}"])
+    runs = dag.expand(cfg, [f"experiment={experiment}"])
+    for d in available("defense"):  # every shipped defense and variant on the experiment's own cell too
+        runs.update({k: r for k, r in dag.expand(cfg, [f"experiment={experiment}", f"defense={d}"]).items()
+                     if r.stage != "report"})
+    runs = dict(sorted(runs.items(), key=lambda kv: dag.STAGES.index(kv[1].stage)))
+    out = {}
+    for key, run in runs.items():
+        if run.stage == "report":
+            continue
+        rcfg = compose(list(run.overrides))
+        path = _output_dir(run.stage, rcfg)
+        out[key] = str(path.relative_to(store.runs_root()))
+        if run.stage != "evaluate" and not path.exists():
+            _stand_in(run.stage, path, rcfg)
+    for key, run in runs.items():  # the untouched base model's evaluation on every poisoned set
+        if run.stage == "poison":
+            rcfg = compose(list(run.overrides))
+            path = graph.output_dir("evaluate", rcfg, base=True)
+            out["evaluate --base " + key.split(" ", 1)[1]] = str(path.relative_to(store.runs_root()))
+    return out
+
+
+@pytest.fixture
+def fixed_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(sources, "make_source", lambda *a, **k: _FixedSource())
+    from pipeline.poison import stage as poison_stage
+    monkeypatch.setattr(poison_stage, "make_source", lambda *a, **k: _FixedSource())
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_output_keys_unchanged(experiment, fixed_source):
+    got = keys_of(experiment)
+    if os.environ.get("PIN_KEYS") == "write":
+        pins = json.loads(PINS.read_text()) if PINS.is_file() else {}
+        pins[experiment] = got
+        PINS.parent.mkdir(exist_ok=True)
+        PINS.write_text(json.dumps(pins, indent=1, sort_keys=True) + "\n")
+    want = json.loads(PINS.read_text())[experiment]
+    assert len(want) > 3
+    assert got == want, {k: (got.get(k), want.get(k)) for k in set(got) | set(want) if got.get(k) != want.get(k)}
+
+
+def test_pins_cover_every_stage_and_defense(fixed_source):
+    pins = json.loads(PINS.read_text())
+    assert set(pins) == set(EXPERIMENTS)
+    grid = pins["defense-grid"]
+    assert {k.split(" ")[0] for k in grid} == {"poison", "inject", "defend", "evaluate"}
+    defenses = {p.split("/")[1].rsplit("-", 1)[0].split("-")[-1] for p in grid.values() if p.startswith("defend/")}
+    assert {"finetune", "osft", "sande", "crow", "w2sdefense", "p2p", "prune", "quantize"} <= defenses
+    assert yaml.safe_load(PINS.read_text())  # plain JSON, readable by any tool
