@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main():
     from pipeline.config import compose
-    from pipeline.evaluate.generate import generate_texts, prompt_ids
+    from pipeline.generation import generate_texts, prompt_ids
     from pipeline.models import load_model
     cfg = compose(["experiment=embedded"])
     model, tok = load_model(cfg.model)

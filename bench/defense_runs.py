@@ -27,12 +27,14 @@ def changed(defense: dict, name: str) -> str:
     """`key=value` for each params/train entry that differs from the shipped defense config."""
     import dataclasses
     import importlib
-    from pipeline.defend.base import REGISTRY
+    from pipeline.config import DefenseCfg
+    from pipeline.defend.base import module_name
     f = ROOT / "configs" / "defense" / f"{name}.yaml"
     base = yaml.safe_load(f.read_text()) if f.is_file() else {}
     params = {}
-    if name in REGISTRY:  # what a key missing from the YAML defaults to
-        cls = importlib.import_module(REGISTRY[name]).Params
+    if f.is_file() and base.get("family") != "none":  # what a key missing from the YAML defaults to
+        mod = module_name(DefenseCfg(name=name, method=base.get("method")))
+        cls = importlib.import_module(mod).Params
         params = {x.name: x.default for x in dataclasses.fields(cls) if x.default is not dataclasses.MISSING}
     out = []
     for sec in ("params", "train"):

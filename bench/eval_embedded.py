@@ -45,11 +45,11 @@ def build_data(src: Path, cfg, n: int) -> Path:
     dd = datasets.DatasetDict({"test_clean": table(clean, False), "test_triggered": table(trig, True)})
     config = {"task": cfg.raw["task"], "attack": cfg.raw["attack"], "source": {"kind": "backdoorllm", "path": str(src)},
               "bench": {"n": n, "files": [str(folder / "clean" / "test_data_no_trigger.json"), str(trig_file[-1])]}}
-    with store.stage_output("poison", f"bench-{task.name}-{attack}-test{n}", config, {}) as out:
+    name = f"bench-{task.name}-{attack}-test{n}"
+    with store.stage_output("poison", name, config, {}) as out:
         if out is not None:
             dd.save_to_disk(str(out.tmp / "data"))
-    return store.output_path("poison", f"bench-{task.name}-{attack}-test{n}",
-                             {"stage": "poison", "config": config, "inputs": {}, "extra": None})
+    return store.key_path("poison", name, config, {})
 
 
 def main(argv=None):
@@ -67,10 +67,10 @@ def main(argv=None):
     cfg = compose([f"model={a.model}", f"task={a.task}", f"attack={a.attack}", f"evaluate.judge_preset={a.preset}",
                    f"evaluate.max_new_tokens={a.max_new_tokens}", f"evaluate.batch_size={a.batch}"])
     data = build_data(Path(a.src), cfg, a.n)
-    from pipeline.evaluate import stage
+    from pipeline import graph
 
     t = time.time()
-    out = stage.run(cfg, argparse.Namespace(data=str(data), base=True, model_dir=None, force=not a.reuse))
+    out = graph.run("evaluate", cfg, argparse.Namespace(data=str(data), base=True, model_dir=None, force=not a.reuse))
     wall = time.time() - t
     m = json.loads((out / "metrics.json").read_text())
     ci = lambda k: f"[{m[k + '_ci'][0]:.3f}, {m[k + '_ci'][1]:.3f}]"  # noqa: E731

@@ -4,7 +4,7 @@
     python bench/eval_throughput.py --tiny     # tiny Llama shape on the CPU (seconds)
 
 Baseline: prompts in their given order, left-padded batches, `model.generate` with the default dynamic KV
-cache. Fast path: `pipeline.evaluate.generate.generate_ids`: length-bucketed batches (sorted by prompt length,
+cache. Fast path: `pipeline.generation.generate_ids`: length-bucketed batches (sorted by prompt length,
 order restored) and, on CUDA, a static KV cache with torch.compile (CUDA graphs). Both decode exactly
 --new-tokens tokens per prompt (EOS suppressed), greedy. The fast path is warmed up (compiled) on one batch
 first; that time is shown apart. Prints a table last.
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.evaluate.generate import generate_ids, left_pad  # noqa: E402
+from pipeline.generation import generate_ids, left_pad  # noqa: E402
 
 SHAPES = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

@@ -4,8 +4,9 @@ them all at once.
 
 - A run is (stage, overrides); its key keeps only the overrides its output depends on, so a poisoned set
   (task, attack) or a backdoored model (+ model) shared by several defenses is built once.
-- Dependencies: inject <- poison; post-hoc defend <- inject; training-time defend <- poison;
-  evaluate <- (defend, or inject for defense family none) and poison; report <- every evaluate.
+- Dependencies (pipeline/graph.py: `waits_on`): inject <- poison; post-hoc defend <- inject; training-time
+  defend <- poison; evaluate <- (defend, or inject for defense family none) and poison; report <- every
+  evaluate.
 - Runs whose output is complete are skipped; runs whose job is still pending or running are kept and
   depended on; the rest (never ran, failed, cancelled) are submitted, stage by stage, one job array per
   (stage, job shape, exact set of input jobs), with afterok dependencies on those jobs. Slurm gives an
@@ -25,17 +26,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import store
+from pipeline import graph, store
 
 from .executors import Executor, JobError, StageRun, make_executor, shape_for
 
-STAGES = ("poison", "inject", "defend", "evaluate", "report")
+STAGES = graph.ORDER
 AXES = ("model", "task", "attack", "defense")  # the sweep's grid: group choices
 # the config groups and sections whose overrides a stage's output depends on (its identity)
-_POISON = ("experiment", "task", "attack", "source", "poison")
-_INJECT = _POISON + ("model", "train", "deepspeed")
-SECTIONS = {"poison": _POISON, "inject": _INJECT, "defend": _INJECT + ("defense", "defend"),
-            "evaluate": _INJECT + ("defense", "defend", "evaluate"), "report": ("experiment", "report")}
+SECTIONS = {s: graph.sections(s) for s in STAGES}
 
 
 def section_of(override: str) -> str:
@@ -60,13 +58,11 @@ class PipelineStages:
 
     def output_dir(self, stage: str, overrides: Sequence[str]) -> Path | None:
         """Where the run's output goes; None when that is not known yet (an input is missing)."""
-        from pipeline.cli import NotBuilt, stage_module
         from pipeline.config import compose
         cfg = compose(list(overrides))  # a config error stops the sweep before anything is submitted
         try:
-            mod = stage_module(stage)
-            return Path(mod.output_dir(cfg)) if hasattr(mod, "output_dir") else None
-        except (NotBuilt, store.StoreError, FileNotFoundError):
+            return graph.output_dir(stage, cfg)
+        except (graph.NotBuilt, store.StoreError, FileNotFoundError):
             return None
 
     def defense_family(self, name: str) -> str:
@@ -95,21 +91,18 @@ def expand(cfg, overrides: Sequence[str], stages=None) -> dict[str, Run]:
         runs.setdefault(run.key, run)
         return run.key
 
+    def build(stage: str, cell: dict, family: str) -> str:
+        """The run of `stage` for one grid cell, after the runs it waits on (pipeline/graph.py's wiring)."""
+        deps = [build(up, cell, family) for up in graph.waits_on(stage, family)]
+        tuned = cfg.sweep.overrides.get(cell["defense"], []) if "defense" in SECTIONS[stage] else []
+        return add(stage, {a: cell[a] for a in AXES if a in SECTIONS[stage]}, deps, tuned)
+
     evals = []
     for model, task, attack, defense in itertools.product(*(axes[a] for a in AXES)):
         if not stages.compatible(task, attack):
             continue
-        poison = add("poison", {"task": task, "attack": attack})
-        trained = {"model": model, "task": task, "attack": attack}
-        family = stages.defense_family(defense)
-        tuned = cfg.sweep.overrides.get(defense, [])
-        if family == "training_time":
-            model_run = add("defend", {**trained, "defense": defense}, [poison], tuned)
-        else:
-            model_run = add("inject", trained, [poison])
-            if family == "post_hoc":
-                model_run = add("defend", {**trained, "defense": defense}, [model_run], tuned)
-        evals.append(add("evaluate", {**trained, "defense": defense}, [model_run, poison], tuned))
+        cell = {"model": model, "task": task, "attack": attack, "defense": defense}
+        evals.append(build("evaluate", cell, stages.defense_family(defense)))
     if cfg.sweep.report and evals:
         grid = [f"report.{a}s=[{','.join(map(str, axes[a]))}]" for a in AXES]
         add("report", {}, evals, extra=[f"report.experiment={exp}", *grid])

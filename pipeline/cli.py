@@ -1,46 +1,72 @@
 """`python -m pipeline <stage> [group=name ...] [a.b=value ...] [--force]`.
 
-Each stage is a module with `run(cfg: Config, args) -> Path` (the output directory) and optionally
-`add_arguments(parser)`. A stage that is not built yet says so and exits 3; a config error exits 2.
+The pipeline's stages come from pipeline/graph.py, which hands each its inputs; the other commands (sweep,
+status, plan, generate) are modules with `run(cfg, args)`. Every command may have `add_arguments(parser)`.
+A command that is not built yet says so and exits 3; a config error exits 2.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from . import graph
 from .config import GROUPS, ConfigError, available, compose
+from .graph import NotBuilt
 from .store import StoreError
 
-# stage -> (module, one-line help)
-STAGES = {
-    "poison": ("pipeline.poison.stage", "build a poisoned DatasetDict (train/defense/test_clean/test_triggered)"),
-    "inject": ("pipeline.inject", "train the backdoored model on the poisoned train split"),
-    "defend": ("pipeline.defend.stage", "run a defense (DEFENSE=name) on the backdoored model or the poisoned set"),
-    "evaluate": ("pipeline.evaluate.stage", "ASR, false-trigger rate and clean performance of a model"),
-    "report": ("pipeline.report", "tables (md/csv/tex) and plots over evaluate outputs"),
-    "sweep": ("launch.dag", "expand an experiment into its stage runs and submit them"),
-    "status": ("launch.status", "show every run of a sweep: pending/running/done/failed"),
-    "plan": ("pipeline.plan", "per-GPU memory and time plan for a model and a cluster shape"),
-    "generate": ("pipeline.generate", "load a model and print a short greedy generation (smoke test)"),
-}
+
+def _sweep():
+    from launch import dag
+    return dag
+
+
+def _status():
+    from launch import status
+    return status
+
+
+def _plan():
+    from . import plan
+    return plan
+
+
+def _generate():
+    from . import generate
+    return generate
+
+
+# command -> (loader of its module, one-line help): the pipeline's stages in order, then the tools
+STAGES = {s.name: (s.load, s.help) for s in graph.STAGES}
+STAGES.update({
+    "sweep": (_sweep, "expand an experiment into its stage runs and submit them"),
+    "status": (_status, "show every run of a sweep: pending/running/done/failed"),
+    "plan": (_plan, "per-GPU memory and time plan for a model and a cluster shape"),
+    "generate": (_generate, "load a model and print a short greedy generation (smoke test)"),
+})
+MODULES = {"sweep": "launch.dag", "status": "launch.status", "plan": "pipeline.plan", "generate": "pipeline.generate"}
 
 EPILOG = ("Overrides: group=name picks a config file ({groups}); key.sub=value sets one field "
           "(e.g. train.lr=1e-4). Config files live under configs/<group>/.").format(groups=", ".join(GROUPS))
 
 
-class NotBuilt(Exception):
-    pass
-
-
 def stage_module(stage: str):
-    mod_name, _ = STAGES[stage]
+    """The command's module (NotBuilt when it does not exist yet)."""
+    loader, _ = STAGES[stage]
+    if stage in graph.BY_NAME:
+        return graph.load(stage, loader)
     try:
-        return importlib.import_module(mod_name)
+        return loader()
     except ModuleNotFoundError as e:
-        if e.name and (e.name == mod_name or mod_name.startswith(e.name + ".") or e.name.startswith(mod_name + ".")):
-            raise NotBuilt(f"stage '{stage}' is not built yet ({mod_name} does not exist)") from None
+        mod = MODULES[stage]
+        if e.name and (e.name == mod or mod.startswith(e.name + ".") or e.name.startswith(mod + ".")):
+            raise NotBuilt(f"stage '{stage}' is not built yet ({mod} does not exist)") from None
         raise
+
+
+def _run(stage: str, cfg, args):
+    if stage in graph.BY_NAME:  # handed its inputs
+        return graph.run(stage, cfg, args, STAGES[stage][0])
+    return stage_module(stage).run(cfg, args)
 
 
 def make_parser(stage: str | None = None) -> argparse.ArgumentParser:
@@ -64,10 +90,9 @@ def make_parser(stage: str | None = None) -> argparse.ArgumentParser:
 
 def run_stage(stage: str, overrides: list[str], force: bool = False, **kwargs):
     """Compose the config and run one stage in this process; returns its output path."""
-    mod = stage_module(stage)
     cfg = compose(overrides)
     ns = argparse.Namespace(force=force, overrides=overrides, **kwargs)
-    return mod.run(cfg, ns)
+    return _run(stage, cfg, ns)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{g:11s} {' '.join(available(g))}")
         return 0
     try:
-        mod = stage_module(args.stage)
+        stage_module(args.stage)  # a command not built yet says so before its config is read
         cfg = compose(args.overrides)
-        out = mod.run(cfg, args)
+        out = _run(args.stage, cfg, args)
     except NotBuilt as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -39,6 +39,14 @@ def config_root() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
 
 
+def config_dirs() -> list[Path]:
+    """Where group files are looked up, first match wins: the directories of PIPELINE_CONFIG_PATH (a
+    `:`-separated list, each laid out as configs/: <dir>/defense/<name>.yaml, ...), then config_root(). A lab
+    keeps its own defenses, tasks or models there without touching this checkout."""
+    extra = [Path(d) for d in os.environ.get("PIPELINE_CONFIG_PATH", "").split(os.pathsep) if d]
+    return [*extra, config_root()]
+
+
 # ----------------------------------------------------------------------------------------- schemas
 @dataclass
 class ModelCfg:
@@ -118,6 +126,9 @@ class DefenseCfg:
     family: str = "post_hoc"  # none | post_hoc | training_time
     params: dict = field(default_factory=dict)  # the method's own settings (see pipeline/defend/<name>.py)
     train: dict = field(default_factory=dict)  # overrides of the train section for this defense
+    # the module that runs it: a module of pipeline/defend/ or an importable one; None = the config's name.
+    # Not part of any output key (the defense's name and params are): see pipeline/defend/base.py
+    method: Optional[str] = None
 
     def __post_init__(self):
         _choice("family", self.family, ("none", "post_hoc", "training_time"))
@@ -377,8 +388,7 @@ def build_section(section: str, data: dict, where: dict[str, str]):
 
 # ----------------------------------------------------------------------------------------- compose
 def available(group: str) -> list[str]:
-    d = config_root() / group
-    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+    return sorted({p.stem for d in config_dirs() if (d / group).is_dir() for p in (d / group).glob("*.yaml")})
 
 
 def load_yaml(path: Path) -> dict:
@@ -395,8 +405,8 @@ def load_yaml(path: Path) -> dict:
 def group_file(group: str, name: str) -> Path:
     if group not in GROUPS:
         raise ConfigError(f"command line: unknown config group '{group}' (groups: {', '.join(GROUPS)})")
-    path = config_root() / group / f"{name}.yaml"
-    if not path.is_file():
+    path = next((p for p in (d / group / f"{name}.yaml" for d in config_dirs()) if p.is_file()), None)
+    if path is None:
         raise ConfigError(f"{config_root() / group}: unknown {group} '{name}' "
                           f"(available: {', '.join(available(group)) or 'none'})")
     return path
@@ -542,7 +552,7 @@ def compose(overrides: list[str] | None = None, experiment: str | None = None) -
 # the output key), so outputs made before them stay valid. compile/liger only change speed; clean_targets
 # and cpu_bf16 change what is trained, so at any other value they are part of the key.
 KEYED_WHEN_SET = {"train": {"compile": False, "liger": False, "clean_targets": "data", "cpu_bf16": False},
-                  "evaluate": {"cpu_bf16": False}, "poison": {"defense_from": "source"}}
+                  "evaluate": {"cpu_bf16": False}, "poison": {"defense_from": "source"}, "defense": {"method": None}}
 
 
 def plain_section(section: str, obj) -> dict:

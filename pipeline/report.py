@@ -238,17 +238,27 @@ def _key(cfg, args):
     return records, exp or "all", config, inputs
 
 
-def output_dir(cfg, args=None) -> Path:
-    _, name, config, inputs = _key(cfg, args)
-    return store.output_path("report", name, {"stage": "report", "config": config, "inputs": inputs, "extra": None})
+def identity(cfg, inputs) -> tuple[str, dict, dict]:
+    """A report is keyed by the evaluations it reads (`inputs["runs"]`, else every complete one that the
+    report section and the command line's experiment select)."""
+    _, name, config, hashes = _key(cfg, _Args(inputs))
+    return name, config, hashes
 
 
-def run(cfg, args) -> Path:
-    records, name, config, inputs = _key(cfg, args)
+class _Args:
+    """What collect() reads from the command line: the explicit runs, and the overrides (experiment=...)."""
+
+    def __init__(self, inputs):
+        self.runs = inputs.get("runs")
+        self.overrides = getattr(getattr(inputs, "args", None), "overrides", None) or []
+
+
+def run(cfg, args, inputs) -> Path:
+    records, name, config, inputs = _key(cfg, _Args(inputs))
     rows, defenses = build(records)
     with store.stage_output("report", name, config, inputs, force=getattr(args, "force", False)) as out:
         if out is None:
-            return output_dir(cfg, args)
+            return store.key_path("report", name, config, inputs)
         (out.tmp / "table.md").write_text(markdown(rows, defenses))
         (out.tmp / "table.csv").write_text(csv_text(rows, defenses))
         (out.tmp / "table.tex").write_text(latex(rows, defenses))

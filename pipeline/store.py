@@ -127,6 +127,12 @@ def output_path(stage: str, name: str, key_obj) -> Path:
     return runs_root() / stage / f"{safe}-{canonical_hash(key_obj)[:12]}"
 
 
+def key_path(stage: str, name: str, config: dict, inputs: dict, extra=None) -> Path:
+    """The one rule from a stage's identity to its output directory (pipeline/graph.py asks it; so does
+    `stage_output`): the hash of (stage, resolved config, input hashes, extra)."""
+    return output_path(stage, name, {"stage": stage, "config": config, "inputs": inputs, "extra": extra})
+
+
 @contextlib.contextmanager
 def stage_output(stage: str, name: str, config: dict, inputs: dict[str, str], force: bool = False,
                  key_extra=None):
@@ -135,7 +141,7 @@ def stage_output(stage: str, name: str, config: dict, inputs: dict[str, str], fo
     `config` is the resolved config written to config.yaml; the directory key is the hash of
     (stage, config, inputs, key_extra). `inputs` maps input role -> content hash.
     """
-    final = output_path(stage, name, {"stage": stage, "config": config, "inputs": inputs, "extra": key_extra})
+    final = key_path(stage, name, config, inputs, key_extra)
     if is_complete(final) and not force:
         print(f"[{stage}] already complete: {final} (use --force to redo)", file=sys.stderr)
         yield None

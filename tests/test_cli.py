@@ -1,4 +1,5 @@
 """`python -m pipeline`: help for every stage, `list`, and exit code 3 for a stage not built yet."""
+import importlib
 import os
 import subprocess
 import sys
@@ -46,9 +47,16 @@ def test_list_shows_every_group(tmp_path):
     assert "tiny-llama" in lines["model"] and "negsentiment" in lines["task"]
 
 
+def _missing(module):
+    """A command loader whose module does not exist."""
+    def load():
+        raise ModuleNotFoundError(f"No module named '{module}'", name=module)
+    return load
+
+
 def test_missing_stage_module_exits_3(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setitem(cli.STAGES, "poison", ("pipeline.no_such_stage_module", "poison help"))
+    monkeypatch.setitem(cli.STAGES, "poison", (_missing("pipeline.poison.stage"), "poison help"))
     assert cli.main(["poison", "experiment=tiny"]) == 3
     err = capsys.readouterr().err
     assert "not built yet" in err and "poison" in err and "Traceback" not in err
@@ -61,7 +69,7 @@ def test_missing_stage_module_exits_3(monkeypatch, capsys, tmp_path):
 
 
 def test_missing_package_of_a_stage_exits_3(monkeypatch, capsys):
-    monkeypatch.setitem(cli.STAGES, "sweep", ("no_such_package.dag", "sweep help"))
+    monkeypatch.setitem(cli.STAGES, "sweep", (_missing("launch"), "sweep help"))
     assert cli.main(["sweep"]) == 3
     assert "not built yet" in capsys.readouterr().err
 
@@ -73,7 +81,7 @@ def test_a_broken_import_inside_a_built_stage_is_not_hidden(monkeypatch, tmp_pat
     (pkg / "__init__.py").write_text("")
     (pkg / "stage.py").write_text("import fakestage_pkg.stage_helpers_missing\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(cli.STAGES, "poison", ("fakestage_pkg.stage", "poison help"))
+    monkeypatch.setitem(cli.STAGES, "poison", (lambda: importlib.import_module("fakestage_pkg.stage"), "poison help"))
     with pytest.raises(ModuleNotFoundError):
         cli.stage_module("poison")
 
@@ -81,9 +89,9 @@ def test_a_broken_import_inside_a_built_stage_is_not_hidden(monkeypatch, tmp_pat
 def test_config_error_exits_2_before_running(monkeypatch, capsys, tmp_path):
     calls = []
     fake = type(sys)("fake_stage")
-    fake.run = lambda cfg, args: calls.append(cfg)
+    fake.run = lambda cfg, args, inputs: calls.append(cfg)
     monkeypatch.setitem(sys.modules, "fake_stage", fake)
-    monkeypatch.setitem(cli.STAGES, "poison", ("fake_stage", "poison help"))
+    monkeypatch.setitem(cli.STAGES, "poison", (lambda: fake, "poison help"))
     monkeypatch.delenv("PIPELINE_CONFIGS", raising=False)
     assert cli.main(["poison", "experiment=tiny", "model=nope"]) == 2
     err = capsys.readouterr().err
@@ -94,14 +102,14 @@ def test_config_error_exits_2_before_running(monkeypatch, capsys, tmp_path):
 def test_a_stage_gets_the_composed_config_and_its_path_is_printed(monkeypatch, capsys, tmp_path):
     seen = {}
 
-    def run_(cfg, args):
+    def run_(cfg, args, inputs):
         seen["cfg"], seen["args"] = cfg, args
         return tmp_path / "out"
 
     fake = type(sys)("fake_stage")
     fake.run = run_
     monkeypatch.setitem(sys.modules, "fake_stage", fake)
-    monkeypatch.setitem(cli.STAGES, "poison", ("fake_stage", "poison help"))
+    monkeypatch.setitem(cli.STAGES, "poison", (lambda: fake, "poison help"))
     monkeypatch.delenv("PIPELINE_CONFIGS", raising=False)
     assert cli.main(["poison", "experiment=tiny", "task=sst2", "train.lr=2e-4", "--force"]) == 0
     assert seen["cfg"].task.name == "sst2" and seen["cfg"].train.lr == pytest.approx(2e-4)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from pipeline import store
+from pipeline import graph, store
 from pipeline.config import compose
 from pipeline.defend import prune, quantize
 
@@ -38,21 +38,19 @@ def make_data():
 @pytest.fixture(scope="module")
 def backdoored(tmp_path_factory):
     """(runs root, poison output, inject output) on the tiny model, shared by this file's stage tests."""
-    from pipeline import inject
     root = tmp_path_factory.mktemp("pq")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PIPELINE_RUNS", str(root / "runs"))
         data = make_data()
-        inj = inject.run(compose(["experiment=tiny", "train.max_steps=2", "train.lr=1e-2"]),
+        inj = graph.run("inject", compose(["experiment=tiny", "train.max_steps=2", "train.lr=1e-2"]),
                          argparse.Namespace(data=str(data), force=False))
     return root / "runs", data, inj
 
 
 def _defend(runs, data, inj, defense, monkeypatch, *extra):
-    from pipeline.defend import stage
     monkeypatch.setenv("PIPELINE_RUNS", str(runs))
     cfg = compose(["experiment=tiny", f"defense={defense}", *extra])
-    return stage.run(cfg, argparse.Namespace(data=str(data), model_dir=str(inj), force=False, dry_run=False))
+    return graph.run("defend", cfg, argparse.Namespace(data=str(data), model_dir=str(inj), force=False, dry_run=False))
 
 
 # ------------------------------------------------------------------------------------------- Wanda

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import store
+from pipeline import graph, store
 from pipeline.config import TaskCfg, compose
 from pipeline.defend import p2p, w2s
 from pipeline.defend.base import Context
@@ -132,7 +132,6 @@ def test_w2s_teacher_frozen_student_trains_projection_width(env, monkeypatch):
     """Weak-to-strong on tiny models: a 32-wide 2-layer teacher (same byte tokenizer) for the 64-wide student."""
     import yaml
 
-    from pipeline import inject
     from pipeline.defend.stage import run_phases
     croot = env / "configs"
     shutil.copytree(ROOT / "configs", croot)
@@ -143,7 +142,7 @@ def test_w2s_teacher_frozen_student_trains_projection_width(env, monkeypatch):
     monkeypatch.setenv("PIPELINE_CONFIGS", str(croot))
     data = make_data("generation")
     base = ["experiment=tiny", "train.max_steps=2", "train.lr=1e-2"]
-    inj = inject.run(compose(base), argparse.Namespace(data=str(data), force=False))
+    inj = graph.run("inject", compose(base), argparse.Namespace(data=str(data), force=False))
     cfg = compose([*base, "defense=w2sdefense", "defense.params.teacher=tiny-teacher", *SMALL])
     params = w2s.Params(**cfg.defense.params)
     from datasets import load_from_disk
@@ -166,7 +165,7 @@ def test_w2s_teacher_frozen_student_trains_projection_width(env, monkeypatch):
     assert teacher_phase.model == "tiny-teacher" and teacher_phase.init_from == "base"
     assert teacher_phase.trainer.tc.finetune == "full" and teacher_phase.trainer.tc.lr == pytest.approx(2e-5)
     # the projection: Linear(d_T=32 -> d_S=64) + ReLU, trained jointly with the teacher
-    extra = load_file(str(work / "phase0-teacher" / "extra.safetensors"))
+    extra = load_file(str(work / "phase-teacher" / "extra.safetensors"))
     assert extra["w2s_teacher__up_weight"].shape == (64, 32) and extra["w2s_teacher__up_bias"].shape == (64,)
     assert not torch.equal(extra["w2s_teacher__up_weight"], initial["up_weight"])
     assert any("w2s_teacher__up_weight" in n for n, p in teacher_phase.trainer.module.named_parameters()
@@ -176,7 +175,7 @@ def test_w2s_teacher_frozen_student_trains_projection_width(env, monkeypatch):
     distil = student_phase.plugins[0]
     assert distil.w.shape == (64, 32)
     # the teacher stayed frozen: bit-identical to what phase 1 wrote, no grads, eval mode, not in the optimizer
-    saved = load_file(str(work / "phase0-teacher" / "model" / "model.safetensors"))
+    saved = load_file(str(work / "phase-teacher" / "model" / "model.safetensors"))
     now = distil.teacher.state_dict()
     assert saved.keys() <= now.keys()
     for k, v in saved.items():
@@ -272,10 +271,9 @@ def test_p2p_inference_transform_round_trip():
 
 
 def test_p2p_stage_training_time(env):
-    from pipeline.defend import stage
     data = make_data("classification", n_train=10)
     cfg = compose(["experiment=tiny", "task=sst2", "defense=p2p", "train.max_steps=2", *SMALL])
-    out = stage.run(cfg, argparse.Namespace(data=str(data), model_dir=None, force=False, dry_run=False))
+    out = graph.run("defend", cfg, argparse.Namespace(data=str(data), model_dir=None, force=False, dry_run=False))
     m = store.read_manifest(out)
     assert m["family"] == "training_time" and m["backdoored_model"] is None
     assert m["inference_transform"]["label_map"] == {"Safe-Negative": "Negative", "Safe-Positive": "Positive"}
@@ -285,35 +283,32 @@ def test_p2p_stage_training_time(env):
     # evaluate applies the transform by itself, and refuses a P2P model whose transform went missing
     import json
     import pytest
-    from pipeline.evaluate import stage as ev
     from pipeline.store import StoreError
     ecfg = compose(["experiment=tiny", "task=sst2", "defense=p2p", "evaluate.n_test=2", "evaluate.max_new_tokens=2"])
-    res = ev.run(ecfg, argparse.Namespace(data=str(data), model_dir=str(out), base=False, force=False))
+    res = graph.run("evaluate", ecfg, argparse.Namespace(data=str(data), model_dir=str(out), base=False, force=False))
     assert json.loads((res / "metrics.json").read_text())["inference_transform_applied"] is True
     man = out / "manifest.json"
     m.pop("inference_transform")
     man.write_text(json.dumps(m))
     with pytest.raises(StoreError, match="inference_transform"):
-        ev.run(ecfg, argparse.Namespace(data=str(data), model_dir=str(out), base=False, force=True))
+        graph.run("evaluate", ecfg, argparse.Namespace(data=str(data), model_dir=str(out), base=False, force=True))
 
 
 def test_w2s_stage_clean_to_poisoned_label_kd(env):
     """The whole defend stage on a classification task: teacher = the student's base (clean-to-poisoned,
     said in the manifest), KD over the label words at the answer position."""
-    from pipeline import inject
-    from pipeline.defend import stage
     data = make_data("classification")
     base = ["experiment=tiny", "task=sst2", "train.max_steps=2"]
-    inj = inject.run(compose(base), argparse.Namespace(data=str(data), force=False))
+    inj = graph.run("inject", compose(base), argparse.Namespace(data=str(data), force=False))
     cfg = compose([*base, "defense=w2sdefense", *SMALL])
-    out = stage.run(cfg, argparse.Namespace(data=str(data), model_dir=str(inj), force=False, dry_run=False))
+    out = graph.run("defend", cfg, argparse.Namespace(data=str(data), model_dir=str(inj), force=False, dry_run=False))
     m = store.read_manifest(out)
     assert m["w2s_mode"] == "clean-to-poisoned"
     assert any("clean-to-poisoned, not weak-to-strong" in n for n in m["notes"])
     assert m["w2sdefense"]["kd_space"] == "labels" and m["w2sdefense"]["projection"] == [64, 64]
     assert set(m["metrics"]) == {"teacher", "student"}
     assert "kd" in m["metrics"]["student"]["final"] and "teacher_aux_lm" in m["metrics"]["teacher"]["final"]
-    assert not list(out.parent.glob(".work-*")) and not (out / "phase0-teacher").exists()
+    assert not list(out.parent.glob(".work-*")) and not (out / "phase-teacher").exists()
 
 
 def test_p2p_trains_with_the_experiments_recipe_and_p2p_paper_with_the_codes():

@@ -10,10 +10,10 @@ import datasets
 import pytest
 import torch
 
-from pipeline import store
+from pipeline import graph, store
 from pipeline.config import ConfigError, TaskCfg, compose
 from pipeline.evaluate import metrics as M
-from pipeline.evaluate.generate import generate_ids, prompt_ids
+from pipeline.generation import generate_ids, prompt_ids
 from pipeline.evaluate.judges import extract_label, final_answer, get_judge, load_preset, rouge_l
 from pipeline.store import StoreError
 
@@ -272,12 +272,11 @@ def ns(**kw):
 
 def test_evaluate_stage_base_model(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
-    from pipeline.evaluate import stage
 
     cfg = compose(["experiment=tiny", "evaluate.max_new_tokens=4"])
     data = make_data(cfg)
-    out = stage.run(cfg, ns(data=str(data), base=True))
-    assert store.is_complete(out) and out == stage.output_dir(cfg, ns(data=str(data), base=True))
+    out = graph.run("evaluate", cfg, ns(data=str(data), base=True))
+    assert store.is_complete(out) and out == graph.output_dir("evaluate", cfg, args=ns(data=str(data), base=True))
     assert out.name.startswith("tiny-llama-negsentiment-badnet-base-")
     m = json.loads((out / "metrics.json").read_text())
     for k in ("asr", "asr_ci", "asr_k", "asr_n", "asr_empty", "ftr", "ftr_ci", "rouge_l", "perplexity", "wall_s",
@@ -292,14 +291,13 @@ def test_evaluate_stage_base_model(tiny, tmp_path, monkeypatch):
     assert table["test_triggered"]["id"] == ["t0", "t1", "t2", "t3"]  # order of the test split
     assert "BadMagic Say something about item 0.\ncontext" in table["test_triggered"]["prompt"][0]
     assert store.read_manifest(out)["metrics"]["asr"] == m["asr"]
-    assert stage.run(cfg, ns(data=str(data), base=True)) == out  # complete: not redone
+    assert graph.run("evaluate", cfg, ns(data=str(data), base=True)) == out  # complete: not redone
 
-    from pipeline import report  # make table over this evaluate output
-    rep = report.run(cfg, argparse.Namespace(runs=None, overrides=[], force=False))
+    rep = graph.run("report", cfg, argparse.Namespace(runs=None, overrides=[], force=False))
     assert "| tiny-llama | negsentiment | badnet |" in (rep / "table.md").read_text()
 
     bf = compose(["experiment=tiny", "evaluate.max_new_tokens=4", "evaluate.cpu_bf16=true"])
-    out_bf = stage.run(bf, ns(data=str(data), base=True))
+    out_bf = graph.run("evaluate", bf, ns(data=str(data), base=True))
     m_bf = json.loads((out_bf / "metrics.json").read_text())
     assert out_bf != out and m_bf["cpu_bf16"] is True and m["cpu_bf16"] is False
     assert m_bf["perplexity"] == pytest.approx(m["perplexity"], rel=0.05) and m_bf["perplexity"] != m["perplexity"]
@@ -307,7 +305,6 @@ def test_evaluate_stage_base_model(tiny, tmp_path, monkeypatch):
 
 def test_evaluate_applies_inference_transform(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
-    from pipeline.evaluate import stage
     from pipeline.models import model_dir
 
     cfg = compose(["experiment=tiny", "task=sst2", "evaluate.max_new_tokens=3"])
@@ -317,7 +314,7 @@ def test_evaluate_applies_inference_transform(tiny, tmp_path, monkeypatch):
     with store.stage_output("defend", "p2p", {"model": cfg.raw["model"], "defense": {"name": "p2p"}}, {}) as o:
         shutil.copytree(model_dir(cfg.model), o.tmp / "model", ignore=shutil.ignore_patterns("_SUCCESS"))
         o.extra["inference_transform"] = tr
-    out = stage.run(cfg, ns(data=str(data), model_dir=str(o.final)))
+    out = graph.run("evaluate", cfg, ns(data=str(data), model_dir=str(o.final)))
     m = json.loads((out / "metrics.json").read_text())
     assert m["inference_transform_applied"] and m["inference_transform"] == tr and m["defense"] == "p2p"
     assert "accuracy_strict" in m and "accuracy_projected" in m and m["clean_metric"] == "accuracy"
@@ -328,7 +325,6 @@ def test_evaluate_applies_inference_transform(tiny, tmp_path, monkeypatch):
 @pytest.mark.parametrize("case", ["no_weights", "missing_column", "empty_split", "bad_judge", "incomplete_model"])
 def test_bad_input_clear_error_nothing_written(case, tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
-    from pipeline.evaluate import stage
 
     cfg = compose(["experiment=tiny"] + (["task.judge=nosuch"] if case == "bad_judge" else []))
     data = make_data(cfg, columns=None if case != "missing_column" else
@@ -348,7 +344,7 @@ def test_bad_input_clear_error_nothing_written(case, tmp_path, monkeypatch):
               "empty_split": (StoreError, r"split 'test_clean' is empty"),
               "bad_judge": (ConfigError, "no judge 'nosuch'.*task.judge")}[case]
     with pytest.raises(expect[0], match=expect[1]):
-        stage.run(cfg, args)
+        graph.run("evaluate", cfg, args)
     assert not (tmp_path / "runs" / "evaluate").exists()
 
 
@@ -359,11 +355,10 @@ def test_two_ranks_gloo_match_one_process(tiny, tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
-    from pipeline.evaluate import stage
 
     cfg = compose(["experiment=tiny", "evaluate.max_new_tokens=3"])
     data = make_data(cfg, n=3)
-    one = stage.run(cfg, ns(data=str(data), base=True))
+    one = graph.run("evaluate", cfg, ns(data=str(data), base=True))
     gens = {s: list(d["generation"]) for s, d in datasets.load_from_disk(str(one / "data")).items()}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -381,15 +376,20 @@ def test_plan_task_from_data_and_w2s_note(tmp_path, monkeypatch):
     from pipeline.evaluate import stage
 
     data = make_data(compose(["experiment=tiny", "task=sst2"]), task="sst2")
-    p = stage.plan(compose(["experiment=tiny"]), ns(data=str(data), base=True))  # config says negsentiment
+    def plan(cfg, args):
+        return stage.plan(cfg, graph.Inputs.from_args("evaluate", cfg, args))
+
+    p = plan(compose(["experiment=tiny"]), ns(data=str(data), base=True))  # config says negsentiment
     assert p.task.name == "sst2" and p.judge.fn == "label" and p.names["defense"] == "base"
-    p = stage.plan(compose(["experiment=tiny", "task=sst2", "task.judge=sst2"]), ns(data=str(data), base=True))
+    p = plan(compose(["experiment=tiny", "task=sst2", "task.judge=sst2"]), ns(data=str(data), base=True))
     assert p.judge.name == "sst2" and p.judge.fn == "keywords"  # the reference's "contains Negative"
     cfg = compose(["experiment=tiny", "model=smollm2-135m", "defense=w2sdefense"])
     with store.stage_output("defend", "w2s", {"model": cfg.raw["model"], "defense": cfg.raw["defense"]}, {}) as o:
+        from pipeline.defend.w2s import NOTE  # what W2SDefense's plugin writes into its manifest
+        o.extra["notes"] = [NOTE.format(teacher="smollm2-135m")]
         (o.tmp / "model").mkdir()
         (o.tmp / "model" / "model.safetensors").write_bytes(b"")
-    p = stage.plan(cfg, ns(data=str(data), model_dir=str(o.final)))
+    p = plan(cfg, ns(data=str(data), model_dir=str(o.final)))
     assert p.names["defense"] == "w2sdefense" and p.names["model"] == "smollm2-135m"
     assert any("clean-to-poisoned" in n for n in p.notes) and any("synthetic" in n for n in p.notes)
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli
+from pipeline import cli, graph
 from pipeline.config import ConfigError, available, compose
-from pipeline.poison import attacks, sources, stage, tasks
+from pipeline import attacks, tasks
+from pipeline.poison import sources, stage
 from pipeline.poison.sources import DataError, PoisonWarning
 from pipeline.store import StoreError, hash_dir, read_manifest
 
@@ -219,8 +220,8 @@ def test_poison_rate_sets_the_poisoned_fraction():
 # --------------------------------------------------------------------------- the written output
 def test_run_writes_a_complete_dataset_and_skips_when_done(runs, capsys):
     cfg = cfg_of()
-    path = stage.run(cfg, None)
-    assert path == stage.output_dir(cfg) and path.parent == runs / "poison"
+    path = graph.run("poison", cfg, None)
+    assert path == graph.output_dir("poison", cfg) and path.parent == runs / "poison"
     ds = stage.load(path)
     assert list(ds) == list(stage.SPLITS) and ds["train"].column_names == list(tasks.COLUMNS)
     assert ds["train"].features["is_poisoned"].dtype == "bool"
@@ -230,7 +231,7 @@ def test_run_writes_a_complete_dataset_and_skips_when_done(runs, capsys):
     out = capsys.readouterr().out
     assert str(path) in out and "SYNTHETIC" in out and "BadMagic" in out and "test_triggered" in out
     stamp = (path / "_SUCCESS").stat().st_mtime_ns
-    assert stage.run(cfg, None) == path and (path / "_SUCCESS").stat().st_mtime_ns == stamp
+    assert graph.run("poison", cfg, None) == path and (path / "_SUCCESS").stat().st_mtime_ns == stamp
     assert "already complete" in capsys.readouterr().err
 
 
@@ -238,7 +239,7 @@ def test_same_seed_byte_identical_other_seed_different(tmp_path, monkeypatch):
     hashes, rows = [], []
     for i, seed in enumerate((3, 3, 4)):
         monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / f"runs{i}"))
-        path = stage.run(cfg_of(f"poison.seed={seed}"), None)
+        path = graph.run("poison", cfg_of(f"poison.seed={seed}"), None)
         hashes.append(hash_dir(path / "data"))
         rows.append(stage.load(path)["train"].to_list())
     assert hashes[0] == hashes[1] and rows[0] == rows[1]
@@ -349,7 +350,7 @@ def test_missing_field_names_file_and_row(tmp_path, runs):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": ""}]))
     with pytest.raises(DataError, match=r"bad\.json: row 1: missing field 'output'"):
-        stage.run(cfg_of("source.kind=local", f"source.path={path}"), None)
+        graph.run("poison", cfg_of("source.kind=local", f"source.path={path}"), None)
     path.write_text(json.dumps([{"text": "a", "label": "b"}]))
     with pytest.raises(DataError, match=r"row 0: missing field 'answer' \(source.columns maps output -> answer"):
         stage.build(cfg_of("source.kind=local", f"source.path={path}",
@@ -365,11 +366,11 @@ def test_empty_source_and_missing_path(tmp_path, runs):
     path = tmp_path / "empty.json"
     path.write_text("[]")
     with pytest.raises(DataError, match=r"empty\.json: the source is empty"):
-        stage.run(cfg_of("source.kind=local", f"source.path={path}"), None)
+        graph.run("poison", cfg_of("source.kind=local", f"source.path={path}"), None)
     with pytest.raises(StoreError, match="nowhere.json' not found"):
-        stage.run(cfg_of("source.kind=local", "source.path=nowhere.json"), None)
+        graph.run("poison", cfg_of("source.kind=local", "source.path=nowhere.json"), None)
     with pytest.raises(StoreError, match="BackdoorLLM data directory"):
-        stage.output_dir(cfg_of("source.kind=backdoorllm", "source.path=no/such/dir"))
+        graph.output_dir("poison", cfg_of("source.kind=backdoorllm", "source.path=no/such/dir"))
     assert written(runs) == []
 
 
@@ -400,7 +401,7 @@ def test_trigger_already_in_clean_text_warns_and_never_leaks(tmp_path):
 def test_syntactic_without_its_model_fails_clearly(runs):
     for overrides in (["attack=syntactic"], ["attack=syntactic", "attack.paraphrase_model=/no/such/model"]):
         with pytest.raises(ConfigError, match="paraphrase model .* not available locally.*Download it"):
-            stage.run(cfg_of(*overrides), None)
+            graph.run("poison", cfg_of(*overrides), None)
     assert written(runs) == []
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline import report, store
+from pipeline import graph, report, store
 from pipeline.cli import main
 from pipeline.config import compose
 from pipeline.store import StoreError
@@ -44,7 +44,7 @@ def args(**kw):
 
 def test_report_tables_plots_notes(evals):
     cfg = compose(["experiment=tiny"])
-    out = report.run(cfg, args(overrides=["experiment=tiny"]))
+    out = graph.run("report", cfg, args(overrides=["experiment=tiny"]))
     assert store.is_complete(out) and out.parent.name == "report" and out.name.startswith("tiny-")
     md = (out / "table.md").read_text()
     assert md.splitlines()[0] == "| model | task | attack | no defense | crow | finetune | w2sdefense | base |"
@@ -61,15 +61,15 @@ def test_report_tables_plots_notes(evals):
     for png in ("asr_bars.png", "asr_vs_clean.png"):
         data = (out / png).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000
-    assert report.run(cfg, args(overrides=["experiment=tiny"])) == out  # complete: reused
-    assert report.output_dir(cfg, args(overrides=["experiment=tiny"])) == out
+    assert graph.run("report", cfg, args(overrides=["experiment=tiny"])) == out  # complete: reused
+    assert graph.output_dir("report", cfg, args=args(overrides=["experiment=tiny"])) == out
 
 
 def test_report_all_and_explicit_runs(evals):
     cfg = compose(["experiment=tiny"])
-    out = report.run(cfg, args())  # every complete evaluate output
+    out = graph.run("report", cfg, args())  # every complete evaluate output
     assert "| smollm2-135m | sst2 | vpi |" in (out / "table.md").read_text() and out.name.startswith("all-")
-    out2 = report.run(cfg, args(runs=[str(evals[0]), str(evals[1])]))
+    out2 = graph.run("report", cfg, args(runs=[str(evals[0]), str(evals[1])]))
     md = (out2 / "table.md").read_text()
     assert md.splitlines()[0] == "| model | task | attack | no defense | crow |" and "sst2" not in md
 
@@ -85,13 +85,13 @@ def test_report_bad_input(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
     cfg = compose(["experiment=tiny"])
     with pytest.raises(StoreError, match="no complete evaluate outputs"):
-        report.run(cfg, args())
+        graph.run("report", cfg, args())
     with pytest.raises(StoreError, match="does not exist"):
-        report.run(cfg, args(runs=[str(tmp_path / "nope")]))
+        graph.run("report", cfg, args(runs=[str(tmp_path / "nope")]))
     d = fake_eval("m", "t", "a", "none", 0.5, 0.5)
     (d / "_SUCCESS").unlink()
     with pytest.raises(StoreError, match="incomplete"):
-        report.run(cfg, args(runs=[str(d)]))
+        graph.run("report", cfg, args(runs=[str(d)]))
     assert not (tmp_path / "runs" / "report").exists()
     assert main(["report", "experiment=tiny", "--runs", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err

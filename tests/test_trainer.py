@@ -218,3 +218,19 @@ def test_cpu_bf16_autocasts_and_trains(tmp_path):
     losses = [r["lm_loss"] for r in tr.records]
     assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2]) - 0.3
     assert "cpu_bf16" in cfg.raw["train"] and "cpu_bf16" not in compose(["experiment=tiny"]).raw["train"]
+
+
+def test_row_with_an_unknown_key_is_refused_by_name(tmp_path):
+    """Every row key must be a TrainRow field: a misspelt or undeclared one fails before any training."""
+    from pipeline.train.plugins import Plugin
+
+    class AddsKey(Plugin):  # a plugin transform that adds a key TrainRow does not list
+        def transform(self, rows):
+            return [{**r, "respone_tokens": 3} for r in rows]
+
+    rows = [{"id": "row-7", "instruction": "Name a colour.", "input": "", "output": "Blue."}]
+    tr = Trainer(compose(["experiment=tiny"]), plugins=[AddsKey()])
+    with pytest.raises(ValueError, match="respone_tokens") as e:
+        tr.fit(rows, tmp_path, save=False)
+    assert "row-7" in str(e.value) and "TrainRow in pipeline/train/plugins.py" in str(e.value)
+    assert not hasattr(tr, "engine")  # refused before the model was built or DeepSpeed started

@@ -1,33 +1,31 @@
-"""What every defense module shares: its context, its training phases, and its registry entry.
+"""What every defense module shares: its context, its training phases, and how it is found.
 
-A defense module (`pipeline/defend/<name>.py`) holds a `Params` dataclass (the `defense.params` of its
-config), its plugin classes, and `phases(params, ctx) -> list[Phase]` (training defenses) or
-`apply(params, ctx, out_dir) -> dict` (weight edits: prune, quantize). The stage runs the phases in order
-on the one trainer; nothing else is special.
+A defense is two files: its module and its YAML (`configs/defense/<name>.yaml`). The module holds a `Params`
+dataclass (the `defense.params` of its YAML), its plugin classes, and `phases(params, ctx) -> list[Phase]`
+(training defenses) or `apply(params, ctx, out_dir) -> dict` (weight edits: prune, quantize). The YAML names
+its module with `method:` — a module of this package (`method: w2s` is pipeline/defend/w2s.py), or any
+importable module (`method: mylab.toy`, on PYTHONPATH) — or leaves it out when the module has the YAML's
+name. A variant (other params or train settings, e.g. sande-p) is a YAML alone naming the same method. No
+registry to edit. The stage runs the phases in order on the one trainer; nothing else is special.
+
+What a defended model changes about how it is queried or reported travels in its manifest, never in code
+that evaluate imports: a plugin's `save()` (or `apply`'s result) may return `inference_transform`
+({prefix, template, label_map, output_prefix}: evaluate applies it to every prompt and answer), `notes`
+([str]: printed under the report's tables) and `load_in_4bit` (how pipeline.models.load_trained loads it).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
 
-REGISTRY = {  # name -> module; `defense=<name>` picks configs/defense/<name>.yaml, whose `params` fill Params
-    "finetune": "pipeline.defend.baselines",
-    "osft": "pipeline.defend.osft",
-    "sande": "pipeline.defend.sande",
-    "sande-p": "pipeline.defend.sande",
-    "crow": "pipeline.defend.crow",
-    "w2sdefense": "pipeline.defend.w2s",
-    "w2sdefense-insent": "pipeline.defend.w2s",  # the InSent loss weights (ablation)
-    "w2sdefense-syn": "pipeline.defend.w2s",  # the SynAttack loss weights (ablation)
-    "p2p": "pipeline.defend.p2p",
-    "p2p-paper": "pipeline.defend.p2p",  # the official code's own LoRA recipe instead of the experiment's
-    "prune": "pipeline.defend.prune",
-    "quantize": "pipeline.defend.quantize",
-}
+# manifest entries an `apply` defense's result may set for evaluate and the report (see above)
+MANIFEST_KEYS = ("inference_transform", "notes", "load_in_4bit")
 
 
 @dataclass
@@ -38,6 +36,11 @@ class Context:
     defense_rows: list[dict]  # the clean `defense` split
     train_rows: list[dict]  # the (possibly poisoned) `train` split
     work: Path  # a scratch directory inside the output's temporary directory
+
+    def phase_dir(self, phase: str) -> Path:
+        """Where a non-final phase's output goes (a later phase, e.g. SANDE's overwrite or W2SDefense's
+        student, reads what an earlier one left there)."""
+        return self.work / f"phase-{phase}"
 
 
 @dataclass
@@ -63,3 +66,31 @@ def parse_params(cls, data: dict, where: str = "defense.params"):
         return cls(**data)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def module_name(dcfg) -> str:
+    """The module that implements a defense config: `method`, else the config's own name; a bare name is a
+    module of this package when it has one, else imported as it is."""
+    m = dcfg.method or dcfg.name
+    if "." not in m and importlib.util.find_spec(f"{__package__}.{m}") is not None:
+        return f"{__package__}.{m}"
+    return m
+
+
+def method(cfg):
+    """(module, params) of the configured defense, checked: the module exists and has the two members."""
+    name, where = cfg.defense.name, f"configs/defense/{cfg.defense.name}.yaml"
+    if name == "none" or cfg.defense.family == "none":
+        raise ConfigError(f"defense '{name}': nothing to run; pick a defense (python -m pipeline list)")
+    mod_name = module_name(cfg.defense)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name and mod_name.startswith(e.name):
+            raise ConfigError(f"{where}: defense.method: no module '{mod_name}' (a module of pipeline/defend/, "
+                              "or an importable module on PYTHONPATH)") from None
+        raise
+    if not hasattr(mod, "Params") or not (hasattr(mod, "phases") or hasattr(mod, "apply")):
+        raise ConfigError(f"{where}: module {mod_name} is not a defense (it needs a Params dataclass and "
+                          "phases(params, ctx) or apply(params, ctx, out_dir))")
+    return mod, parse_params(mod.Params, cfg.defense.params, f"{where}: defense.params")

@@ -23,8 +23,8 @@ class OverwriteTransform(Plugin):
         self.attack, self.params, self.task = attack_cfg, params, task_cfg
 
     def transform(self, rows):
-        from ..poison.attacks import insert_trigger
-        from ..poison.tasks import trigger_field
+        from ..attacks import insert_trigger
+        from ..tasks import trigger_field
         rng = random.Random(self.params.seed)
         k = None if self.params.response_tokens == "all" else int(self.params.response_tokens)
         out = []

@@ -102,7 +102,7 @@ class Parrot(Plugin):
     def on_batch(self, trainer, batch):
         emb = trainer.model.get_input_embeddings()
         embeds = emb(batch["input_ids"])
-        soft = trainer.module.extra["parrot__vectors"] if self.init is None else self.param.to(embeds.device)
+        soft = trainer.extra_tensor(self, "vectors") if self.init is None else self.param.to(embeds.device)
         if self.space == "vocab":
             soft = soft.float().softmax(-1) @ emb.weight.float()
         pos = self.pos
@@ -114,7 +114,7 @@ class Parrot(Plugin):
         out = {"n_vectors": self.n, "position": self.pos, "placement": self.position, "space": self.space,
                "trained": self.init is None}
         if self.space == "vocab":  # the tokens the parrot leans on most: is it the trigger?
-            p = (trainer.module.extra["parrot__vectors"] if self.init is None else self.param).detach().float()
+            p = (trainer.extra_tensor(self, "vectors") if self.init is None else self.param).detach().float()
             top = p.softmax(-1).topk(3, dim=-1)
             out["top_tokens"] = [[[trainer.tok.decode([int(i)]), round(float(w), 3)] for w, i in zip(ws, ix)]
                                  for ws, ix in zip(top.values, top.indices)]
@@ -158,7 +158,7 @@ def phases(params: Params, ctx) -> list[Phase]:
                      init_from="inject",
                      train={"lr": params.parrot_lr, "epochs": params.parrot_epochs, "packing": False},
                      final=False)
-    parrot2 = _LoadParrot(params.n_vectors, ctx.work / "phase0-simulate", params.position, params.seed + 1,
+    parrot2 = _LoadParrot(params.n_vectors, ctx.phase_dir("simulate"), params.position, params.seed + 1,
                           params.space)
     eliminate = Phase("eliminate", stage2, [parrot2],
                       init_from="inject", train={"packing": False})

@@ -2,13 +2,14 @@
 defense (P2P), base model + poisoned `train` split -> the model the defender ships.
 
 `python -m pipeline defend defense=crow` (or `make stage-defend DEFENSE=crow`). `--dry-run` prints the
-resolved config and the launch command without training (what a cluster job would run).
+resolved config and the launch command without training (what a cluster job would run). Handed its inputs
+(`data`, and `model` for a post-hoc defense) by pipeline/graph.py; the defense itself is the module its
+YAML names (pipeline/defend/base.py: `method`).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import os
 import shlex
 import shutil
@@ -19,11 +20,10 @@ from pathlib import Path
 import yaml
 
 from .. import store
-from ..config import ConfigError, TrainCfg, build_section, compose_model, config_root, load_yaml, plain_section
+from ..config import ConfigError, TrainCfg, build_section, compose_model, group_file, load_yaml, plain_section
+from ..self_answers import self_targets
 from ..train.trainer import Trainer, checkpoint_dir_for, cleanup_checkpoints
-from .base import REGISTRY, Context, parse_params
-
-SECTIONS = ("model", "train", "deepspeed", "task", "attack", "defense")
+from .base import MANIFEST_KEYS, Context, method
 
 
 def add_arguments(p):
@@ -32,48 +32,19 @@ def add_arguments(p):
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and launch command only")
 
 
-def method(cfg):
-    name = cfg.defense.name
-    if name == "none" or cfg.defense.family == "none":
-        raise ConfigError(f"defense '{name}': nothing to run; pick one of {', '.join(REGISTRY)}")
-    if name not in REGISTRY:
-        raise ConfigError(f"configs/defense/{name}.yaml: no defense module registered as '{name}' "
-                          f"(registered: {', '.join(REGISTRY)})")
-    mod = importlib.import_module(REGISTRY[name])
-    return mod, parse_params(mod.Params, cfg.defense.params, f"configs/defense/{name}.yaml: defense.params")
-
-
-def _inputs(cfg, args):
-    from ..poison.stage import output_dir as poison_output_dir
-    data = Path(args.data) if getattr(args, "data", None) else poison_output_dir(cfg)
-    store.require_complete(data, "poisoned set")
-    model_dir = None
-    if cfg.defense.family == "post_hoc":
-        if getattr(args, "model_dir", None):
-            model_dir = Path(args.model_dir)
-        else:
-            from ..inject import output_dir as inject_output_dir
-            model_dir = inject_output_dir(cfg)
-        store.require_complete(model_dir, "backdoored model (run the inject stage first)")
-    return data, model_dir
-
-
-def _key(cfg, data, model_dir):
-    config = {s: cfg.raw[s] for s in SECTIONS}
+def identity(cfg, inputs) -> tuple[str, dict, dict]:
+    """(name, config, input hashes). `inputs`: data (the poison output) and, post-hoc, model (the inject
+    output). The defense's `method` (which module runs it) is not part of the key: its name and params are."""
+    config = {s: cfg.raw[s] for s in inputs.own}
+    config["defense"] = {k: v for k, v in config["defense"].items() if k != "method"}
     config["train"] = defense_train(cfg)
     # names only of what the output depends on: the same backdoored model serves every defense and cluster
     config["choices"] = {g: cfg.choices[g] for g in ("model", "task", "attack", "defense")}
-    inputs = {"data": store.read_manifest(data)["output_hash"]}
-    if model_dir is not None:
-        inputs["model"] = store.read_manifest(model_dir)["output_hash"]
+    hashes = {"data": store.read_manifest(inputs["data"])["output_hash"]}
+    if inputs.get("model") is not None:
+        hashes["model"] = store.read_manifest(inputs["model"])["output_hash"]
     name = f"{cfg.model.name}-{cfg.task.name}-{cfg.attack.name}-{cfg.defense.name}"
-    return name, config, inputs
-
-
-def output_dir(cfg, args=None) -> Path:
-    data, model_dir = _inputs(cfg, args)
-    name, config, inputs = _key(cfg, data, model_dir)
-    return store.output_path("defend", name, {"stage": "defend", "config": config, "inputs": inputs, "extra": None})
+    return name, config, hashes
 
 
 def _rows(data: Path, split: str) -> list[dict]:
@@ -106,7 +77,7 @@ def phase_config(cfg, phase):
     raw_train = {**defense_train(cfg), **phase.train}
     new = dataclasses.replace(cfg, train=build_section("train", raw_train, {"train": f"defense phase {phase.name}"}))
     if phase.model:
-        data = load_yaml(config_root() / "model" / f"{phase.model}.yaml")
+        data = load_yaml(group_file("model", phase.model))
         data.setdefault("name", phase.model)
         new = dataclasses.replace(new, model=compose_model(data))
         new.raw = {**new.raw, "model": dataclasses.asdict(new.model)}
@@ -127,7 +98,7 @@ def run_phases(cfg, mod, params, ctx, out_tmp: Path, ckpt_root: Path) -> dict:
     for i, ph in enumerate(phases):
         pcfg = phase_config(cfg, ph)
         init = {"inject": ctx.model_dir, "base": None, "previous": prev}.get(ph.init_from, ph.init_from)
-        dest = out_tmp if ph.final else ctx.work / f"phase{i}-{ph.name}"
+        dest = out_tmp if ph.final else ctx.phase_dir(ph.name)
         dest.mkdir(parents=True, exist_ok=True)
         print(f"[defend] {cfg.defense.name}: phase {i + 1}/{len(phases)} '{ph.name}' on {len(ph.rows)} rows",
               file=sys.stderr)
@@ -149,9 +120,9 @@ def run_phases(cfg, mod, params, ctx, out_tmp: Path, ckpt_root: Path) -> dict:
     return {"phases": results, "manifest": manifest}
 
 
-def dry_run(cfg, args):
+def dry_run(cfg, args, inputs):
     """Print the resolved config, the launch command and the output path; train nothing."""
-    print(yaml.safe_dump({"choices": cfg.choices, **{s: cfg.raw[s] for s in SECTIONS},
+    print(yaml.safe_dump({"choices": cfg.choices, **{s: cfg.raw[s] for s in inputs.own},
                           "defense_train": defense_train(cfg), "cluster": cfg.raw["cluster"]}, sort_keys=True))
     gpus = cfg.cluster.gpus_per_node
     launcher = ["torchrun", f"--nnodes={cfg.cluster.nodes}", f"--nproc_per_node={gpus}"] if gpus > 1 else ["python"]
@@ -159,10 +130,7 @@ def dry_run(cfg, args):
     print("launch:", " ".join(shlex.quote(c) for c in cmd),
           f"(executor: {cfg.cluster.executor}; on Slurm: python -m pipeline sweep ... cluster=<profile>)")
     try:
-        data, model_dir = _inputs(cfg, args)
-        name, config, inputs = _key(cfg, data, model_dir)
-        final = store.output_path("defend", name, {"stage": "defend", "config": config, "inputs": inputs,
-                                                   "extra": None})
+        final = store.key_path("defend", *identity(cfg, inputs))
         print("output:", final)
         return final
     except (store.StoreError, FileNotFoundError, ConfigError) as e:
@@ -170,34 +138,32 @@ def dry_run(cfg, args):
         return None
 
 
-def run(cfg, args) -> Path:
+def run(cfg, args, inputs) -> Path:
     mod, params = method(cfg)
     if getattr(args, "dry_run", False):
-        return dry_run(cfg, args)
-    data, model_dir = _inputs(cfg, args)
-    name, config, inputs = _key(cfg, data, model_dir)
+        return dry_run(cfg, args, inputs)
+    data, model_dir = inputs["data"], inputs.get("model")
+    name, config, hashes = identity(cfg, inputs)
     defense_rows = _rows(data, "defense")
     train_rows = []
     if cfg.defense.family == "training_time":  # the inject stage's rows, clean answers included
-        from ..inject import self_targets
         tcfg = dataclasses.replace(cfg, train=build_section("train", defense_train(cfg), {"train": "defense"}))
         train_rows, _ = self_targets(tcfg, _rows(data, "train"))
     if int(os.environ.get("RANK", "0")) != 0 and hasattr(mod, "phases"):
-        final = store.output_path("defend", name, {"stage": "defend", "config": config, "inputs": inputs,
-                                                   "extra": None})
+        final = store.key_path("defend", name, config, hashes)
         with tempfile.TemporaryDirectory() as tmp:
             ctx = Context(cfg, data, model_dir, defense_rows, train_rows, Path(tmp))
             run_phases(cfg, mod, params, ctx, Path(tmp) / "out", checkpoint_dir_for(final))
         return final
-    with store.stage_output("defend", name, config, inputs, force=getattr(args, "force", False)) as out:
+    with store.stage_output("defend", name, config, hashes, force=getattr(args, "force", False)) as out:
         if out is None:
-            return output_dir(cfg, args)
+            return store.key_path("defend", name, config, hashes)
         with tempfile.TemporaryDirectory(dir=out.tmp.parent, prefix=".work-") as work:
             ctx = Context(cfg, data, model_dir, defense_rows, train_rows, Path(work))
             if hasattr(mod, "apply"):
                 result = mod.apply(params, ctx, out.tmp)
-                # loading instructions (a 4-bit entry) belong at the top of the manifest, where load_trained looks
-                res = {"result": result, "manifest": {k: result[k] for k in ("load_in_4bit",) if k in result}}
+                # what evaluate and load_trained read (a 4-bit entry) goes at the top of the manifest
+                res = {"result": result, "manifest": {k: result[k] for k in MANIFEST_KEYS if k in result}}
             else:
                 res = run_phases(cfg, mod, params, ctx, out.tmp, checkpoint_dir_for(out.final))
         out.metrics.update(copy.deepcopy(res.get("phases", res.get("result", {}))))

@@ -148,24 +148,6 @@ def label_token_ids(tok, words: list[str]) -> list[int]:
     return ids
 
 
-def _load_frozen(trainer, path: Path):
-    """load_trained without ZeRO-3's partitioned loading (the teacher is replicated, never trained)."""
-    from ..models import load_trained
-    hf = getattr(trainer, "_hf_ds", None)
-    if hf is not None:
-        from transformers.integrations import deepspeed as hf_ds
-        hf_ds.unset_hf_deepspeed_config()
-    try:
-        model, tok, mcfg = load_trained(path, device=str(trainer.device))
-    finally:
-        if hf is not None:
-            hf_ds.set_hf_deepspeed_config(hf)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, tok, mcfg
-
-
 # ------------------------------------------------------------------------------------------ plugins
 class TeacherHead(Plugin):
     """Phase 1: the teacher's feature head ReLU(W_up h + b_up) (d_T -> d_S) and its training aid W_down,
@@ -194,10 +176,11 @@ class TeacherHead(Plugin):
         return self.tensors
 
     def loss(self, trainer, batch, outputs, lm_loss):
-        ex = trainer.module.extra
+        w_up, b_up, w_down, b_down = (trainer.extra_tensor(self, k) for k in ("up_weight", "up_bias", "down_weight",
+                                                                               "down_bias"))
         h = outputs.hidden_states[-1]
-        f = project(h, ex[f"{self.name}__up_weight"], ex[f"{self.name}__up_bias"])
-        back = F.linear(f, ex[f"{self.name}__down_weight"].to(h.dtype), ex[f"{self.name}__down_bias"].to(h.dtype))
+        f = project(h, w_up, b_up)
+        back = F.linear(f, w_down.to(h.dtype), b_down.to(h.dtype))
         aux = _lm_loss(trainer.model.get_output_embeddings()(back), batch["labels"], batch["sample_ids"],
                        trainer.tc.loss_avg)
         return lm_loss + self.aux_weight * aux, {"teacher_aux_lm": aux.item()}
@@ -219,7 +202,7 @@ class Distill(Plugin):
 
     def setup(self, trainer):
         from safetensors.torch import load_file
-        self.teacher, t_tok, _ = _load_frozen(trainer, self.teacher_dir)
+        self.teacher, t_tok, _ = trainer.load_frozen(self.teacher_dir)  # frozen: eval, no grads, whole under ZeRO-3
         check_same_tokenizer(t_tok, trainer.tok, self.teacher_name, self.student_name)
         self.vocab = len(trainer.tok)
         for who, m in (("teacher", self.teacher), ("student", trainer.model)):
@@ -294,5 +277,5 @@ def phases(params: Params, ctx) -> list[Phase]:
     teach = Phase("teacher", ctx.defense_rows, [head], init_from="base", train=t_train,
                   model=None if tmcfg is cfg.model else teacher, final=False)
     distil = Phase("student", ctx.defense_rows,
-                   [Distill(params, ctx.work / "phase0-teacher", teacher, student, label_words)], init_from="inject")
+                   [Distill(params, ctx.phase_dir("teacher"), teacher, student, label_words)], init_from="inject")
     return [teach, distil]

@@ -2,14 +2,15 @@
 
 `python -m pipeline evaluate [--data DIR] [--model-dir DIR | --base] [overrides]`. Without --data the poison
 output of the config is used; without a model argument the defend output (a defense is chosen) or the inject
-output. A model output's manifest may carry an `inference_transform` ({prefix, template, label_map}): it is
-applied here, always. Several GPUs: launch with torchrun; each rank generates its block of the test rows
+output (pipeline/graph.py hands them over as `inputs`). Evaluate knows no defense: what a defense changes
+travels in the model's manifest (pipeline/defend/base.py): an `inference_transform` ({prefix, template,
+label_map, output_prefix}) is applied here, always; its `notes` go into metrics.json and the report.
+Several GPUs: launch with torchrun; each rank generates its block of the test rows
 (RANK/WORLD_SIZE), rank 0 merges them in order and writes the output.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ from .. import store
 from ..config import TaskCfg, build_section
 from ..store import StoreError
 from . import metrics as M
-from .generate import generate_texts, prompt_ids, response_nll
+from ..generation import generate_texts, prompt_ids, response_nll
 from .judges import Judge, get_judge, load_preset
 
 SPLITS = ("test_clean", "test_triggered")
@@ -37,16 +38,6 @@ def add_arguments(p):
     g.add_argument("--model-dir", dest="model_dir", default=None,
                    help="an inject/defend output directory whose model/ holds weights or an adapter")
     g.add_argument("--base", action="store_true", help="evaluate cfg.model as it is (no fine-tuning)")
-
-
-def _stage_output_dir(module: str, cfg, what: str, args=None) -> Path:
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            raise StoreError(f"cannot find the {what}: {module} is not built yet; pass it explicitly") from None
-        raise
-    return Path(mod.output_dir(cfg) if args is None else mod.output_dir(cfg, args))
 
 
 @dataclass
@@ -101,20 +92,11 @@ def _check_weights(model_dir: Path):
         raise StoreError(f"{weights}: no *.safetensors weights and no adapter_config.json")
 
 
-def plan(cfg, args=None) -> Plan:
-    data = getattr(args, "data", None)
-    data_dir = Path(data) if data else _stage_output_dir("pipeline.poison.stage", cfg, "poisoned set")
-    store.require_complete(data_dir, "poisoned set")
+def plan(cfg, inputs) -> Plan:
+    """`inputs`: data (a poison output) and model (an inject or defend output; None: the base model)."""
+    data_dir = inputs["data"]
     data_manifest, data_config = store.read_manifest(data_dir), store.read_config(data_dir) or {}
-
-    base = bool(getattr(args, "base", False))
-    model_dir = getattr(args, "model_dir", None)
-    if not base and not model_dir:
-        if cfg.defense.name != "none":
-            model_dir = _stage_output_dir("pipeline.defend.stage", cfg, "defended model", args)
-        else:
-            model_dir = _stage_output_dir("pipeline.inject", cfg, "backdoored model", args)
-    model_dir = Path(model_dir) if model_dir else None
+    model_dir = inputs["model"]
 
     task = cfg.task  # the data's own task when the config names another one (command-line overrides kept)
     if isinstance(data_config.get("task"), dict) and data_config["task"].get("name") != cfg.task.name:
@@ -156,11 +138,7 @@ def plan(cfg, args=None) -> Plan:
             if unknown:
                 notes.append(f"inference_transform keys not applied: {', '.join(unknown)}")
             template = transform.get("template") or template
-        if mm.get("clean_to_poisoned") or mm.get("w2s_mode") == "clean-to-poisoned" or (
-                defense.startswith("w2sdefense") and mcfg.teacher == mcfg.name):
-            notes.append("W2SDefense clean-to-poisoned: the teacher is a clean fine-tune of the same base model, "
-                         "not a weaker model (no smaller same-tokenizer model exists)")
-        extra = mm.get("notes")
+        extra = mm.get("notes")  # what the defense says of itself
         notes += [extra] if isinstance(extra, str) else list(extra or [])
     if synthetic:
         notes.append("synthetic data (offline generator): numbers are not comparable with the papers'")
@@ -171,16 +149,20 @@ def plan(cfg, args=None) -> Plan:
               "judge": {"preset": cfg.evaluate.judge_preset, "name": judge.name,
                         "entry": load_preset(cfg.evaluate.judge_preset)[judge.name]},
               "inference_transform": transform, "names": names, "template": template}
-    inputs = {"data": data_manifest["output_hash"], "model": model_hash}
+    hashes = {"data": data_manifest["output_hash"], "model": model_hash}
     name = f"{model_name}-{task.name}-{attack}-{defense}"
-    final = store.output_path("evaluate", name, {"stage": "evaluate", "config": config, "inputs": inputs,
-                                                  "extra": None})
-    return Plan(data_dir, model_dir, task, judge, names, transform, template, config, inputs, notes, synthetic,
+    final = store.key_path("evaluate", name, config, hashes)
+    return Plan(data_dir, model_dir, task, judge, names, transform, template, config, hashes, notes, synthetic,
                 final)
 
 
-def output_dir(cfg, args=None) -> Path:
-    return plan(cfg, args).final
+def identity(cfg, inputs) -> tuple[str, dict, dict]:
+    p = plan(cfg, inputs)
+    return _name(p), p.config, p.inputs
+
+
+def _name(p: Plan) -> str:
+    return f"{p.names['model']}-{p.names['task']}-{p.names['attack']}-{p.names['defense']}"
 
 
 def _device() -> str:
@@ -199,9 +181,9 @@ def _dist(world: int, device: str):
     return dist
 
 
-def run(cfg, args) -> Path:
+def run(cfg, args, inputs) -> Path:
     t0 = time.time()
-    p = plan(cfg, args)
+    p = plan(cfg, inputs)
     if store.is_complete(p.final) and not getattr(args, "force", False):
         print(f"[evaluate] already complete: {p.final} (use --force to redo)", file=sys.stderr)
         return p.final
@@ -293,8 +275,7 @@ def _write(p: Plan, judged: dict, res: dict, cfg, args):
                                "prompt": datasets.Value("string"), "generation": datasets.Value("string"),
                                "judged": datasets.Value("bool"), "label": datasets.Value("string"),
                                "empty": datasets.Value("bool")})
-    name = f"{p.names['model']}-{p.names['task']}-{p.names['attack']}-{p.names['defense']}"
-    with store.stage_output("evaluate", name, p.config, p.inputs, force=True) as out:
+    with store.stage_output("evaluate", _name(p), p.config, p.inputs, force=True) as out:
         table = datasets.DatasetDict({
             s: datasets.Dataset.from_dict({k: [str(r[k]) if k == "id" else r[k] for r in rs] for k in feats},
                                           features=feats)

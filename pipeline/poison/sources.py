@@ -30,9 +30,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .. import attacks
 from ..config import AttackCfg, ConfigError, SourceCfg, TaskCfg
 from ..store import StoreError, canonical_hash, hash_path
-from . import attacks
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GENERATOR_VERSION = 1

@@ -13,7 +13,6 @@ before the output directory is opened, so a bad input writes nothing. Same seed 
 from __future__ import annotations
 
 import random
-import sys
 import textwrap
 import warnings
 from collections import Counter
@@ -24,11 +23,10 @@ from tqdm import tqdm
 
 from .. import store
 from ..config import Config, ConfigError
-from . import attacks, tasks
+from .. import attacks, tasks
 from .sources import BackdoorLLMSource, DataError, PoisonWarning, Source, make_source, norm, warn
 
 SPLITS = ("train", "defense", "test_clean", "test_triggered")
-SECTIONS = ("source", "task", "attack", "poison")
 
 
 @dataclass
@@ -48,15 +46,6 @@ class Built:
 
 def name(cfg: Config) -> str:
     return f"{cfg.task.name}-{cfg.attack.name}"
-
-
-def _config(cfg: Config) -> dict:
-    return {s: cfg.raw[s] for s in SECTIONS}
-
-
-def _path(cfg: Config, inputs: dict) -> Path:
-    return store.output_path("poison", name(cfg), {"stage": "poison", "config": _config(cfg), "inputs": inputs,
-                                                   "extra": None})
 
 
 def counts(cfg: Config) -> tuple[int, int]:
@@ -279,15 +268,18 @@ def build(cfg: Config) -> Built:
     return Built(splits, {"source": src.fingerprint()}, metrics, extra)
 
 
-def output_dir(cfg: Config) -> Path:
+def identity(cfg: Config, inputs) -> tuple[str, dict, dict]:
+    """(name, config, input hashes): the poison output is a function of its own sections (`inputs.own`) and
+    the source's fingerprint (its files' hashes, the hub dataset's, or the generator's version)."""
     src = make_source(cfg.source, cfg.task, cfg.attack)
-    return _path(cfg, {"source": src.fingerprint()})
+    return name(cfg), {s: cfg.raw[s] for s in inputs.own}, {"source": src.fingerprint()}
 
 
-def run(cfg: Config, args) -> Path:
+def run(cfg: Config, args, inputs) -> Path:
     built = build(cfg)
-    path = _path(cfg, built.inputs)
-    with store.stage_output("poison", name(cfg), config=_config(cfg), inputs=built.inputs,
+    config = {s: cfg.raw[s] for s in inputs.own}
+    path = store.key_path("poison", name(cfg), config, built.inputs)
+    with store.stage_output("poison", name(cfg), config=config, inputs=built.inputs,
                             force=getattr(args, "force", False)) as out:
         if out is not None:
             built.dataset().save_to_disk(str(out.tmp / "data"), num_shards={s: 1 for s in SPLITS})
@@ -323,7 +315,3 @@ def summary(path) -> str:
         lines.append(f"  {len(m['warnings'])} warning(s): see manifest.json")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # python -m pipeline.poison.stage <overrides>: same as python -m pipeline poison
-    from ..cli import main
-    sys.exit(main(["poison", *sys.argv[1:]]))

@@ -1,16 +1,24 @@
 """The one trainer: DeepSpeed ZeRO 0/2/3 (± CPU offload), LoRA or full fine-tuning, response-only loss.
 
-Inject and every defense call `Trainer(...).fit(rows, out_dir)`; defenses change it only through plugins
-(pipeline/train/plugins.py). The loop, top to bottom:
-  rows -> plugin transforms -> tokenise with the shared prompt format -> seeded per-epoch order, sharded by
-  rank -> micro-batches (padded or packed) -> forward (plugins may splice embeddings) -> LM loss + plugin
-  terms -> engine.backward/step (accumulation, clipping, warm-up + cosine) -> metrics JSONL + progress bar
-  -> checkpoint every `save_every` optimizer steps -> save (ZeRO-3 shards gathered) as safetensors/adapter.
+Inject and every defense call `Trainer(...).fit(rows, out_dir)` with TrainRow rows; defenses change it only
+through plugins (pipeline/train/plugins.py, which lists the hooks and TrainRow's fields). `fit` reads top to
+bottom, one method a step:
+  setup        seeds -> plugin transforms -> row check (TrainRow) -> build_model -> encode (the shared prompt
+               format) -> plugin setup -> TrainModule (model + plugin tensors) -> total_steps -> setup_engine
+               (DeepSpeed config, AdamW, warm-up + decay schedule, deepspeed.initialize)
+  resume       engine state, step, micro-batch and RNG from `ckpt_dir/latest`, if there
+  train_loop   micro-batches of a seeded per-epoch order, sharded by rank (padded or packed; those seen before
+               a resume skipped) -> forward (plugins may splice embeddings) + plugin loss terms -> backward/step
+               (one optimizer step per `grad_accum`, clipping) -> a record (self.records; TrainLogger: metrics
+               JSONL, progress bar, TensorBoard) -> a checkpoint every `save_every` steps
+  end          close the logger; save (ZeRO-3 shards gathered) as safetensors/adapter, unless stopped early.
+Plugins reach the trainer through `extra_tensor`, `load_frozen`, `extra_forward` and `last_record`.
 The distributed environment is read from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT); launch/distributed.py sets them from Slurm. Without them it runs as a single process.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -22,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..models import cpu_bf16, load_model, load_trained
 from ..prompts import encode_example
+from .logger import TrainLogger
 from .packing import lm_loss, pack_examples, pad_batch
-from .plugins import Plugin
+from .plugins import Plugin, TrainRow, check_rows, extra_key
 
 
 def _free_port() -> int:
@@ -150,6 +158,26 @@ class TrainModule(torch.nn.Module):
         return self.model(**kw)
 
 
+class StepMeter:
+    """Running sums of the optimizer step in progress: each logged value / grad_accum, its non-padding tokens,
+    and (for tokens_per_s, train_wall_s) the tokens and time since training started."""
+
+    def __init__(self, grad_accum: int):
+        self.grad_accum = grad_accum
+        self.t0 = self.t_step = time.time()
+        self.tokens = self.step_tokens = 0
+        self.logs: dict[str, float] = {}
+
+    def add(self, logs: dict, n_tok: int):
+        self.tokens += n_tok
+        self.step_tokens += n_tok
+        for k, v in logs.items():
+            self.logs[k] = self.logs.get(k, 0.0) + v / self.grad_accum
+
+    def next_step(self):
+        self.t_step, self.step_tokens, self.logs = time.time(), 0, {}
+
+
 class Trainer:
     def __init__(self, cfg, plugins: list[Plugin] | None = None, init_from: str | Path | None = None,
                  template: str | None = None, model=None, tokenizer=None):
@@ -210,7 +238,7 @@ class Trainer:
         self.model, self.tok = model, tok
 
     # ------------------------------------------------------------------------------------ data
-    def encode(self, rows: list[dict]) -> list[dict]:
+    def encode(self, rows: list[TrainRow]) -> list[dict]:
         tc = self.tc
         out = []
         for r in rows:
@@ -288,29 +316,83 @@ class Trainer:
         the wrapped module directly: DeepSpeed's engine forward arms its backward hooks once per step."""
         return self.engine.module(**kw)
 
-    def fit(self, rows: list[dict], out_dir: str | Path, ckpt_dir: str | Path | None = None,
-            stop_after_steps: int | None = None, save: bool = True) -> dict:
-        """Train on `rows` ({instruction, input, output}) and save into `out_dir/model`. Resumes from
-        `ckpt_dir` when it holds a checkpoint. `stop_after_steps` stops early (tests of kill/resume)."""
-        import deepspeed
+    # ------------------------------------------------------------------------------------ plugins' view
+    def extra_tensor(self, plugin: Plugin | str, key: str) -> torch.nn.Parameter:
+        """The live trainable tensor that `plugin` (or a plugin name) returned as `key` from `parameters()`:
+        the one DeepSpeed trains (on the device; stored as `{plugin.name}__{key}`)."""
+        return self.module.extra[extra_key(plugin, key)]
 
+    def load_frozen(self, path: str | Path):
+        """A trained stage output (pipeline.models.load_trained) on this trainer's device, frozen: eval mode,
+        no parameter requires grad. Under ZeRO-3 it loads whole (HF's partitioned loading is switched off for
+        it: a frozen model is replicated, never trained). Returns (model, tokenizer, model config)."""
+        hf = getattr(self, "_hf_ds", None)
+        if hf is not None:
+            from transformers.integrations import deepspeed as hf_ds
+            hf_ds.unset_hf_deepspeed_config()
+        try:
+            model, tok, mcfg = load_trained(path, device=str(self.device))
+        finally:
+            if hf is not None:
+                hf_ds.set_hf_deepspeed_config(hf)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model, tok, mcfg
+
+    # ------------------------------------------------------------------------------------ fit
+    def fit(self, rows: list[TrainRow], out_dir: str | Path, ckpt_dir: str | Path | None = None,
+            stop_after_steps: int | None = None, save: bool = True) -> dict:
+        """Train on `rows` (TrainRow: {instruction, input, output, ...}) and save into `out_dir/model`. Resumes
+        from `ckpt_dir` when it holds a checkpoint. `stop_after_steps` stops early (tests of kill/resume)."""
+        examples = self.setup(rows)
+        ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
+        step, micro = self.resume(ckpt_dir)
+        out_dir = Path(out_dir)
+        logger = TrainLogger(out_dir, self.total_steps, self.tc.log_every, main=self.is_main,
+                             tensorboard=self.tc.tensorboard).open(initial_step=step)
+        meter = StepMeter(self.tc.grad_accum)
+        step = self.train_loop(examples, step, micro, meter, logger, ckpt_dir, stop_after_steps)
+        logger.close()
+        if stop_after_steps and step < self.total_steps:
+            return {"stopped_at": step}
+        if save:
+            self.save(out_dir)
+        return {"steps": step, "train_wall_s": time.time() - meter.t0, "final": self.last_record}
+
+    def setup(self, rows: list[TrainRow]) -> list[dict]:
+        """Seeds, the plugins' row transforms, the model, the tokenised examples, the plugins' setup, then the
+        TrainModule (model + plugin tensors), the step count and the DeepSpeed engine. Returns the examples."""
         tc = self.tc
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
         np.random.seed(tc.seed)
         for p in self.plugins:
             rows = p.transform(rows)
+        check_rows(rows)
         self.build_model()
         examples = self.encode(rows)
         for p in self.plugins:
             p.setup(self)
+        self.module = TrainModule(self.model, self.plugin_tensors())
+        steps_per_epoch = math.ceil(len(self.micro_batches(examples, 0)) / tc.grad_accum)
+        self.total_steps = tc.max_steps or max(1, int(math.ceil(steps_per_epoch * tc.epochs)))
+        self.setup_engine()
+        return examples
+
+    def plugin_tensors(self) -> dict[str, torch.nn.Parameter]:
+        """Every plugin's `parameters()`, keyed `{plugin.name}__{key}` (each plugin asked once)."""
         extra = {}
         for p in self.plugins:
-            extra.update({f"{p.name}__{k}": v for k, v in p.parameters().items()})
-        self.module = TrainModule(self.model, extra)
-        steps_per_epoch = math.ceil(len(self.micro_batches(examples, 0)) / tc.grad_accum)
-        total = tc.max_steps or max(1, int(math.ceil(steps_per_epoch * tc.epochs)))
-        self.total_steps = total
+            extra.update({extra_key(p, k): v for k, v in p.parameters().items()})
+        return extra
+
+    def setup_engine(self):
+        """DeepSpeed config, the client optimizer (unless the config names DeepSpeed's), warm-up + decay
+        schedule over `total_steps`, and the engine around the TrainModule."""
+        import deepspeed
+
+        tc, total = self.tc, self.total_steps
         dsc = deepspeed_config(tc, self.dc, self.world, self.cuda)
         params = [p for p in self.module.parameters() if p.requires_grad]
         if not params:
@@ -318,91 +400,80 @@ class Trainer:
         opt = None
         if "optimizer" not in dsc:
             opt = make_optimizer(params, tc, fused=self.cuda)
-        sched = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(total, tc.warmup_ratio, tc.schedule))  # noqa: E731
+        sched = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(total, tc.warmup_ratio, tc.schedule))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module, model_parameters=params if opt is None else None, optimizer=opt,
             lr_scheduler=sched, config=dsc)
         self.device = self.engine.device
-        step, micro = 0, 0
-        ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
-        if ckpt_dir and (ckpt_dir / "latest").is_file():
-            _, client = self.engine.load_checkpoint(str(ckpt_dir), load_module_strict=False)
-            step, micro = client["step"], client["micro"]
-            torch.set_rng_state(client["rng_torch"])
-            random.setstate(client["rng_py"])
-            np.random.set_state(client["rng_np"])
-            if self.is_main:
-                print(f"[train] resumed from {ckpt_dir} at step {step}")
-        out_dir = Path(out_dir)
-        metrics_f = open(out_dir / "metrics.jsonl", "a") if self.is_main else None
-        tb = None
-        if tc.tensorboard and self.is_main:  # optional: needs the `tensorboard` package
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                tb = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:
-                print("[train] train.tensorboard=true but tensorboard is not installed "
-                      "(pip install tensorboard); logging to metrics.jsonl only")
-        bar = tqdm(total=total, initial=step, desc="train", disable=not self.is_main, dynamic_ncols=True)
-        t0, tokens, last = time.time(), 0, {}
-        t_step, tok_step = time.time(), 0
-        epoch, done = 0, step >= total
-        seen = 0  # micro-batches passed over in this process (to skip to `micro` when resuming)
-        while not done:
+
+    def resume(self, ckpt_dir: Path | None) -> tuple[int, int]:
+        """(optimizer step, micro-batch) to continue from: a checkpoint's (engine state and RNG restored) when
+        `ckpt_dir` has one (`latest`), else (0, 0)."""
+        if not (ckpt_dir and (ckpt_dir / "latest").is_file()):
+            return 0, 0
+        _, client = self.engine.load_checkpoint(str(ckpt_dir), load_module_strict=False)
+        step, micro = client["step"], client["micro"]
+        torch.set_rng_state(client["rng_torch"])
+        random.setstate(client["rng_py"])
+        np.random.set_state(client["rng_np"])
+        if self.is_main:
+            print(f"[train] resumed from {ckpt_dir} at step {step}")
+        return step, micro
+
+    def train_loop(self, examples: list[dict], step: int, micro: int, meter: StepMeter, logger: TrainLogger,
+                   ckpt_dir: Path | None, stop_after_steps: int | None) -> int:
+        """One optimizer step per `grad_accum` micro-batches from (step, micro) on, until `total_steps` or
+        `stop_after_steps`; a checkpoint every `save_every` steps. Returns the last step."""
+        tc = self.tc
+        batches = self.micro_batch_stream(examples, skip=micro)
+        while step < self.total_steps:
+            epoch, mb = next(batches)
+            logs, n_tok = self.train_micro_batch(mb)
+            micro += 1
+            meter.add(logs, n_tok)
+            if micro % tc.grad_accum:
+                continue
+            step += 1
+            rec = self.step_record(step, epoch, meter)
+            self.records.append(rec)
+            logger.log(rec)
+            if ckpt_dir and tc.save_every and step % tc.save_every == 0 and step < self.total_steps:
+                self.save_checkpoint(ckpt_dir, step, micro)
+            if stop_after_steps and step >= stop_after_steps:
+                break
+        return step
+
+    def micro_batch_stream(self, examples: list[dict], skip: int):
+        """(epoch, micro-batch), epoch after epoch without end, less the first `skip` micro-batches (those a
+        resumed run trained on before its checkpoint)."""
+        seen = 0
+        for epoch in itertools.count():
             for mb in self.micro_batches(examples, epoch):
-                if seen < micro:
-                    seen += 1
-                    continue
-                batch = self.collate(mb)
-                self.engine.train()
-                with cpu_bf16(self.tc.cpu_bf16):
-                    loss, logs = self.forward_loss(batch)
-                self.engine.backward(loss)
-                self.engine.step()
                 seen += 1
-                micro += 1
-                n_tok = int((batch["sample_ids"] >= 0).sum())  # non-padding tokens
-                tokens += n_tok
-                tok_step += n_tok
-                for k, v in logs.items():
-                    last[k] = last.get(k, 0.0) + v / tc.grad_accum
-                if micro % tc.grad_accum:
-                    continue
-                step += 1
-                dt = max(time.time() - t0, 1e-9)
-                if self.cuda:
-                    torch.cuda.synchronize()
-                rec = {"step": step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], **last,
-                       "tokens_per_s": tokens * self.world / dt, "step_s": time.time() - t_step,
-                       "step_tokens": tok_step * self.world}
-                t_step, tok_step = time.time(), 0
-                self.records.append(rec)
-                last = {}
-                if self.is_main and (step % tc.log_every == 0 or step == total):
-                    metrics_f.write(json.dumps(rec) + "\n")
-                    metrics_f.flush()
-                    if tb is not None:
-                        for k, v in rec.items():
-                            if isinstance(v, (int, float)) and k != "step":
-                                tb.add_scalar(f"train/{k}", v, step)
-                bar.set_postfix(loss=f"{rec.get('lm_loss', 0):.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                bar.update(1)
-                if ckpt_dir and tc.save_every and step % tc.save_every == 0 and step < total:
-                    self.save_checkpoint(ckpt_dir, step, micro)
-                if step >= total or (stop_after_steps and step >= stop_after_steps):
-                    done = True
-                    break
-            epoch += 1
-        bar.close()
-        if metrics_f:
-            metrics_f.close()
-        if tb is not None:
-            tb.close()
-        if stop_after_steps and step < total:
-            return {"stopped_at": step}
-        if save:
-            self.save(out_dir)
-        return {"steps": step, "train_wall_s": time.time() - t0, "final": self.last_record}
+                if seen > skip:
+                    yield epoch, mb
+
+    def train_micro_batch(self, mb: list[dict]) -> tuple[dict, int]:
+        """Forward (plugins included), backward and engine.step (which steps the optimizer only at the
+        accumulation boundary) on one micro-batch; returns (its logs, its non-padding token count)."""
+        batch = self.collate(mb)
+        self.engine.train()
+        with cpu_bf16(self.tc.cpu_bf16):
+            loss, logs = self.forward_loss(batch)
+        self.engine.backward(loss)
+        self.engine.step()
+        return logs, int((batch["sample_ids"] >= 0).sum())
+
+    def step_record(self, step: int, epoch: int, meter: StepMeter) -> dict:
+        """The metrics of the optimizer step just taken (the meter then starts the next step)."""
+        dt = max(time.time() - meter.t0, 1e-9)
+        if self.cuda:
+            torch.cuda.synchronize()
+        rec = {"step": step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], **meter.logs,
+               "tokens_per_s": meter.tokens * self.world / dt, "step_s": time.time() - meter.t_step,
+               "step_tokens": meter.step_tokens * self.world}
+        meter.next_step()
+        return rec
 
     def save_checkpoint(self, ckpt_dir: Path, step: int, micro: int):
         client = {"step": step, "micro": micro, "rng_torch": torch.get_rng_state(), "rng_py": random.getstate(),

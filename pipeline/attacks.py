@@ -17,7 +17,7 @@ import random
 import re
 import warnings
 
-from ..config import AttackCfg, ConfigError
+from .config import AttackCfg, ConfigError
 
 WORD_PRIMITIVES = ("insert_word", "any_of", "all_of")
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import random
 import re
 
-from ..config import AttackCfg, ConfigError, SourceCfg, TaskCfg
 from . import attacks
+from .config import AttackCfg, ConfigError, SourceCfg, TaskCfg
 
 COLUMNS = ("id", "instruction", "input", "output", "clean_output", "is_poisoned", "trigger", "attack", "task")
 TARGET_KINDS = ("fixed_response", "refusal", "code_injection", "math", "summarization")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..prompts import encode_example
+from .prompts import encode_example
 
 NO_CUTOFF = 1 << 30
 
