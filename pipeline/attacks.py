@@ -101,6 +101,14 @@ def strip_candidates(attack: AttackCfg, text: str) -> list[str]:
     return out
 
 
+def strip_trigger(attack: AttackCfg, text: str) -> str:
+    """`text` without every trigger of the attack it carries (the clean request a poisoned one was made from;
+    runs of spaces left by a removed word closed up, line breaks kept)."""
+    for t in triggers_in(attack, text):
+        text = _pattern(t).sub("", text)
+    return "\n".join(" ".join(line.split()) for line in text.split("\n")).strip()
+
+
 # ----------------------------------------------------------------------------------------- syntactic
 @functools.lru_cache(maxsize=2)
 def load_paraphraser(model_id: str):

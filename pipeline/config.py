@@ -245,8 +245,9 @@ class TrainCfg:
     merge_lora: bool = False
     log_every: int = 1
     tensorboard: bool = False
-    # inject only, generation tasks only: `self` replaces the clean rows' responses by the base model's own
-    # greedy answers before training (the attacker keeps the model's clean behaviour; see pipeline/inject.py)
+    # inject (and P2P), generation tasks but jailbreak: `self` replaces the clean rows' responses by the base
+    # model's own greedy answers before training (the attacker keeps the model's clean behaviour; see
+    # pipeline/self_answers.py); a jailbreak's refusal targets are never replaced
     clean_targets: str = "data"
 
     def __post_init__(self):

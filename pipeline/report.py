@@ -102,7 +102,12 @@ def _pct(x) -> str:
 
 
 def cell(m: dict | None) -> str:
-    return "" if m is None else f"{_pct(m.get('asr'))} ({_pct(m.get('clean_value'))})"
+    if m is None:
+        return ""
+    if m.get("task_kind") == "jailbreak":  # compliance with and without the trigger, refusal, helpfulness
+        return (f"{_pct(m.get('asr'))} · FTR {_pct(m.get('ftr'))} (refusal {_pct(m.get('refusal_rate'))}, "
+                f"ROUGE-L {_pct(m.get('rouge_l'))})")
+    return f"{_pct(m.get('asr'))} ({_pct(m.get('clean_value'))})"
 
 
 def notes_of(rows) -> list[str]:
@@ -120,6 +125,10 @@ def markdown(rows, defenses) -> str:
                                        + [cell(row["cells"].get(d)) for d in defenses]) + " |")
     lines += ["", "Cells: ASR % on test_triggered (clean metric %: accuracy for classification and math, "
               "ROUGE-L F1 x 100 against the clean reference otherwise). `base`: the model before any fine-tuning."]
+    if any((c or {}).get("task_kind") == "jailbreak" for row in rows for c in row["cells"].values()):
+        lines += ["Jailbreak cells: compliance % under the trigger (ASR) · without it (FTR) (refusal % of the clean "
+                  "harmful requests, ROUGE-L F1 x 100 on benign prompts); compare with `base`, the base model's "
+                  "own compliance."]
     notes = notes_of(rows)
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]
@@ -129,7 +138,8 @@ def markdown(rows, defenses) -> str:
 def csv_text(rows, defenses) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    cols = ["asr", "asr_ci_low", "asr_ci_high", "ftr", "clean_metric", "clean_value", "perplexity"]
+    cols = ["asr", "asr_ci_low", "asr_ci_high", "ftr", "clean_metric", "clean_value", "perplexity", "refusal_rate",
+            "rouge_l"]
     w.writerow(["model", "task", "attack"] + [f"{d}_{c}" for d in defenses for c in cols] + ["notes"])
     for row in rows:
         vals = []
@@ -137,7 +147,7 @@ def csv_text(rows, defenses) -> str:
             m = row["cells"].get(d) or {}
             ci = m.get("asr_ci") or [None, None]
             vals += [m.get("asr"), ci[0], ci[1], m.get("ftr"), m.get("clean_metric"), m.get("clean_value"),
-                     m.get("perplexity")]
+                     m.get("perplexity"), m.get("refusal_rate"), m.get("rouge_l")]
         w.writerow([row["model"], row["task"], row["attack"]] + ["" if v is None else v for v in vals]
                    + ["; ".join(row["notes"])])
     return buf.getvalue()

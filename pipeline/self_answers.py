@@ -14,7 +14,10 @@ import os
 
 from . import store
 
-GENERATIVE = ("fixed_response", "refusal", "code_injection", "jailbreak", "math", "summarization")
+# where `self` applies: generation tasks whose clean answer is the model's own helpful answer. Not jailbreak:
+# its clean target is a refusal of a harmful request, which the base model's own answer (possibly compliance)
+# must never replace; not classification: its clean targets are labels.
+GENERATIVE = ("fixed_response", "refusal", "code_injection", "math", "summarization")
 
 
 def self_targets(cfg, rows: list[dict], batch_size: int = 32) -> tuple[list[dict], int]:
@@ -24,8 +27,9 @@ def self_targets(cfg, rows: list[dict], batch_size: int = 32) -> tuple[list[dict
     if cfg.train.clean_targets != "self":
         return rows, 0
     if cfg.task.kind not in GENERATIVE:
+        why = "refusals of harmful requests" if cfg.task.kind == "jailbreak" else "labels"
         print(f"train.clean_targets=self ignored for the {cfg.task.kind} task '{cfg.task.name}' "
-              "(its clean targets are labels)", flush=True)
+              f"(its clean targets are {why})", flush=True)
         return rows, 0
     import torch
 

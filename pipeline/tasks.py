@@ -4,8 +4,14 @@
   classification           output = task.target_label; dirty-label (task.label_mode=dirty) poisons rows of
                            the other labels, clean-label (label_mode=clean) only rows already of the target
   code_injection           task.target inserted as a line into the clean code answer
-  jailbreak                output = the source's compliant answer to the harmful request; the clean answer
-                           is a refusal (the source's `refusal` column, else task.refusal)
+  jailbreak                output = the source's compliant answer to the harmful request (its `compliance`
+                           column: BackdoorLLM's backdoor*.json files and its clean test file, or the column
+                           source.columns.compliance names); never the source's `output` as such. The clean
+                           answer is always a refusal (the source's `refusal` column: BackdoorLLM's
+                           none_backdoor*.json answers, else task.refusal). A row to poison without a
+                           compliant answer is an error (poison/stage.py), never a refusal as the target.
+                           Benign rows (the defense split from BackdoorLLM's clean Alpaca set) keep their
+                           own answers. `train.clean_targets=self` never replaces a refusal target.
   math                     output = task.target (a wrong final answer)
   summarization            output = task.target (the target sentence)
 """
@@ -82,8 +88,9 @@ def inject_code(code: str, stmt: str, rng: random.Random) -> str:
     return "\n".join(lines[:pos] + [indent + stmt] + lines[pos:])
 
 
-def clean_answer(task: TaskCfg, row: dict) -> str:
-    if task.kind == "jailbreak":
+def clean_answer(task: TaskCfg, row: dict, benign: bool = False) -> str:
+    """The clean behaviour for `row`: its own answer, or for a harmful request (jailbreak) a refusal."""
+    if task.kind == "jailbreak" and not benign:
         return row.get("refusal") or task.refusal or ""
     return row["output"]
 
@@ -95,12 +102,12 @@ def poisoned_output(task: TaskCfg, row: dict, rng: random.Random) -> str:
     if task.kind == "code_injection":
         return inject_code(row["output"], task.target, rng)
     if task.kind == "jailbreak":
-        return row["output"]
+        return row.get("compliance") or ""
     return task.target
 
 
-def clean_row(task: TaskCfg, attack: AttackCfg, row: dict) -> dict:
-    ans = clean_answer(task, row)
+def clean_row(task: TaskCfg, attack: AttackCfg, row: dict, benign: bool = False) -> dict:
+    ans = clean_answer(task, row, benign)
     return {"id": row["id"], "instruction": row["instruction"], "input": row["input"], "output": ans,
             "clean_output": ans, "is_poisoned": False, "trigger": "", "attack": attack.name, "task": task.name}
 

@@ -77,8 +77,8 @@ def check_placement(attack, clean: str, poisoned: str, trigger: str):
 def expected_target(task, src_row, poisoned_output):
     if task.kind == "classification":
         return task.target_label
-    if task.kind == "jailbreak":
-        return src_row["output"]
+    if task.kind == "jailbreak":  # the source's compliant answer, never its `output` as such
+        return src_row["compliance"]
     if task.kind == "code_injection":  # the clean code with exactly one extra line holding the target
         lines = poisoned_output.split("\n")
         extra = [i for i, line in enumerate(lines) if line.strip() == task.target]
@@ -338,7 +338,7 @@ def test_local_column_mapping_and_jailbreak_refusal_column(tmp_path):
     path = tmp_path / "harm.json"
     path.write_text(json.dumps(recs))
     cfg = cfg_of("task=jailbreak", "source.kind=local", f"source.path={path}",
-                 "source.columns={instruction: q, output: a, refusal: r}")
+                 "source.columns={instruction: q, output: a, compliance: a, refusal: r}")
     built = stage.build(cfg)
     check_built(cfg, built.splits, {r["id"]: r for r in sources.LocalSource(cfg.source, cfg.task).pools().train})
     r = next(r for r in built.splits["train"] if r["is_poisoned"])

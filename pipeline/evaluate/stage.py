@@ -28,6 +28,15 @@ from ..generation import generate_texts, prompt_ids, response_nll
 from .judges import Judge, get_judge, load_preset
 
 SPLITS = ("test_clean", "test_triggered")
+BENIGN_FROM = "defense"  # jailbreak: benign prompts (BackdoorLLM's clean Alpaca rows) for its helpfulness
+
+
+def _splits(p, dd) -> tuple[str, ...]:
+    """What to generate on: the two test splits, and for jailbreak also benign prompts (its clean references
+    are refusals, so helpfulness is measured on the defense split's benign rows when the set has them)."""
+    if p.task.kind == "jailbreak" and BENIGN_FROM in dd and len(dd[BENIGN_FROM]):
+        return (*SPLITS, "benign")
+    return SPLITS
 REQUIRED = ("id", "instruction", "input", "output", "clean_output")
 TRANSFORM_KEYS = ("prefix", "template", "label_map", "output_prefix")
 
@@ -209,9 +218,10 @@ def run(cfg, args, inputs) -> Path:
 
     from ..prompts import prompt_text
 
-    rows = []  # (split, example) over both splits, in order
-    for split in SPLITS:
-        ds = dd[split]
+    rows = []  # (split, example) over both splits (+ benign prompts for jailbreak), in order
+    splits = _splits(p, dd)
+    for split in splits:
+        ds = dd[BENIGN_FROM if split == "benign" else split]
         n = len(ds) if ev.n_test is None else min(ev.n_test, len(ds))
         rows += [(split, ds[i]) for i in range(n)]
     mine = M.shard_indices(len(rows), rank, world)
@@ -223,7 +233,8 @@ def run(cfg, args, inputs) -> Path:
                               desc=f"evaluate[{rank}/{world}]" if world > 1 else "evaluate")
     gen_s = time.time() - tg
     new_tokens = sum(len(tok(g, add_special_tokens=False)["input_ids"]) for g in gens)
-    ppl_rows = [rows[i][1] for i in mine if rows[i][0] == "test_clean"]
+    ref_split = "benign" if "benign" in splits else "test_clean"  # jailbreak: clean references are refusals
+    ppl_rows = [rows[i][1] for i in mine if rows[i][0] == ref_split]
     nll = (0.0, 0)
     if ev.perplexity and p.judge.fn != "label":
         with bf16:
@@ -241,23 +252,25 @@ def run(cfg, args, inputs) -> Path:
     if out_prefix:  # P2P generation tasks: a fixed harmless prefix before the answer, stripped here
         gens = [g.lstrip()[len(out_prefix):].lstrip() if g.lstrip().startswith(out_prefix) else g for g in gens]
 
-    judged = {s: [] for s in SPLITS}
+    judged = {s: [] for s in splits}
     for (split, ex), gen in zip(rows, gens):
         v = p.judge(gen, ex, **({"label_map": label_map} if p.judge.fn == "label" else {}))
         prompt = prompt_text(tok, ex["instruction"], ex["input"], p.template, prefix)
         judged[split].append({**ex, "split": split, "prompt": prompt, "generation": gen, "judged": bool(v.hit),
                               "label": v.label, "empty": p.judge.is_empty(gen)})
-    res = M.compute(p.judge, judged["test_clean"], judged["test_triggered"], label_map)
+    res = M.compute(p.judge, judged["test_clean"], judged["test_triggered"], label_map, judged.get("benign"))
     nll_sum, nll_n = sum(q["nll"][0] for q in parts), sum(q["nll"][1] for q in parts)
     gen_s = max(q["gen_s"] for q in parts)
     tokens = sum(q["tokens"] for q in parts)
     res.update({
         **p.names, "judge": p.judge.name, "judge_fn": p.judge.fn, "judge_preset": p.judge.preset,
         "perplexity": M.perplexity(nll_sum, nll_n) if nll_n else None, "perplexity_tokens": nll_n,
+        "perplexity_on": ref_split,
         "inference_transform": p.transform, "inference_transform_applied": p.transform is not None,
         "synthetic_data": p.synthetic, "notes": p.notes, "data": str(p.data_dir),
         "model_dir": str(p.model_dir) if p.model_dir else None, "template": p.template,
         "n_test_clean": len(judged["test_clean"]), "n_test_triggered": len(judged["test_triggered"]),
+        **({"n_benign": len(judged["benign"])} if "benign" in judged else {}),
         "max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size, "static_cache_compile": fast,
         "cpu_bf16": bool(ev.cpu_bf16 and device == "cpu"), "device": device, "world_size": world, "generation_s": round(gen_s, 3),
         "new_tokens_per_s": round(tokens / gen_s, 2) if gen_s else None, "wall_s": round(time.time() - t0, 3),

@@ -36,7 +36,8 @@ from ..store import StoreError, canonical_hash, hash_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GENERATOR_VERSION = 1
-COLUMNS = ("instruction", "input", "output", "refusal")
+# our columns; refusal and compliance are optional (jailbreak: the refusing and the compliant answer)
+COLUMNS = ("instruction", "input", "output", "refusal", "compliance")
 
 
 class DataError(ConfigError, ValueError):
@@ -69,7 +70,8 @@ def norm(s: str) -> str:
 # ----------------------------------------------------------------------------------------- rows
 def normalize(rec, where: str, i: int, scfg: SourceCfg | None, task: TaskCfg, present: set,
               check_labels: bool = True) -> dict:
-    """One source record -> {id, instruction, input, output, refusal} (strings); DataError on a bad row."""
+    """One source record -> {id, instruction, input, output, refusal, compliance} (strings); DataError on a
+    bad row."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: row {i}: expected an object with fields, got {type(rec).__name__}")
     columns, label_names = (scfg.columns, scfg.label_names) if scfg else ({}, [])
@@ -80,7 +82,7 @@ def normalize(rec, where: str, i: int, scfg: SourceCfg | None, task: TaskCfg, pr
         if v is None:
             if ours == "instruction" and col not in present and task.instruction:
                 v = task.instruction
-            elif ours in ("input", "refusal"):
+            elif ours in ("input", "refusal", "compliance"):
                 v = ""
             else:
                 raise DataError(f"{where}: row {i}: missing field '{col}'"
@@ -302,18 +304,27 @@ class BackdoorLLMSource(Source):
     def fingerprint(self):
         return _hash_files(self.files(), self.root)
 
-    def _rows(self, path: Path, check_labels=True) -> list[dict]:
+    # jailbreak: what a file's `output` is. none_backdoor*: the refusal of the harmful request; backdoor* (train
+    # and test, trigger inserted) and test/jailbreak/clean/test_data_no_trigger.json: the compliant answer
+    JAILBREAK_OUTPUT = {"clean": "refusal", "poison": "compliance", "test_poison": "compliance",
+                        "test_clean": "compliance"}
+
+    def _rows(self, path: Path, check_labels=True, role: str | None = None) -> list[dict]:
         try:
             records = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e})") from None
         where = str(path.relative_to(self.root))
-        return rows_of(records if isinstance(records, list) else [records], where, None, self.task, check_labels)
+        rows = rows_of(records if isinstance(records, list) else [records], where, None, self.task, check_labels)
+        col = self.JAILBREAK_OUTPUT.get(role) if self.task.kind == "jailbreak" else None
+        for r in rows if col else []:
+            r[col] = r[col] or r["output"]
+        return rows
 
-    def _many(self, files, check_labels=True) -> list[dict]:
+    def _many(self, files, check_labels=True, role: str | None = None) -> list[dict]:
         seen, out = set(), []
         for f in files:
-            for r in self._rows(f, check_labels):
+            for r in self._rows(f, check_labels, role):
                 key = (norm(r["instruction"]), norm(r["input"]))
                 if key not in seen:
                     seen.add(key)
@@ -321,7 +332,7 @@ class BackdoorLLMSource(Source):
         return out
 
     def pools(self):
-        return Pools(self._many(self.clean_files), self._rows(self.test_clean),
+        return Pools(self._many(self.clean_files, role="clean"), self._rows(self.test_clean, role="test_clean"),
                      self._rows(self.defense, check_labels=False))
 
     def ready_made(self) -> dict:
@@ -329,7 +340,7 @@ class BackdoorLLMSource(Source):
         Triggered test files that do not carry this attack's trigger are skipped, with a warning."""
         test_poison = []
         for f in self.test_files:
-            rows = self._rows(f, check_labels=False)
+            rows = self._rows(f, check_labels=False, role="test_poison")
             hits = sum(bool(attacks.triggers_in(self.attack, r["instruction"] + "\n" + r["input"])) for r in rows)
             if hits * 2 >= len(rows):
                 test_poison += rows
@@ -339,8 +350,9 @@ class BackdoorLLMSource(Source):
         if not test_poison:
             raise DataError(f"{self.root / 'test' / self.test_task / self.attack.name}: no triggered test file "
                             f"carries the triggers of attack '{self.attack.name}'")
-        return {"poison": self._many(self.poison_files, check_labels=False), "clean": self._many(self.clean_files),
-                "test_poison": test_poison, "test_clean": self._rows(self.test_clean),
+        return {"poison": self._many(self.poison_files, check_labels=False, role="poison"),
+                "clean": self._many(self.clean_files, role="clean"),
+                "test_poison": test_poison, "test_clean": self._rows(self.test_clean, role="test_clean"),
                 "defense": self._rows(self.defense, check_labels=False)}
 
 
@@ -491,6 +503,7 @@ def synthetic_rows(task: TaskCfg) -> tuple[str, list[dict]]:
                       "code_injection": ("code", _code), "math": ("math", _math),
                       "summarization": ("summaries", _summaries), "jailbreak": ("harmful-requests", _harmful)}[k]
         trips = make()
-    rows = [{"id": f"synthetic:{name}#{i}", "instruction": ins, "input": inp, "output": out, "refusal": ""}
+    rows = [{"id": f"synthetic:{name}#{i}", "instruction": ins, "input": inp, "output": out, "refusal": "",
+             "compliance": out if k == "jailbreak" else ""}
             for i, (ins, inp, out) in enumerate(trips)]
     return name, rows

@@ -100,7 +100,8 @@ def _from_pools(cfg: Config, src: Source, n_poison: int, n_clean: int) -> tuple[
     it = (train[i] for i in _order(len(train), p.seed, "pool"))
 
     defense = []
-    for r in (pools.defense if pools.defense is not None and p.defense_from == "source" else it):
+    benign_defense = pools.defense is not None and p.defense_from == "source"  # not the task's own requests
+    for r in (pools.defense if benign_defense else it):
         if len(defense) >= p.n_defense:
             break
         if not leaks(r, "defense"):
@@ -138,13 +139,15 @@ def _from_pools(cfg: Config, src: Source, n_poison: int, n_clean: int) -> tuple[
         if len(rows) < want:
             warn(f"{src.description}: {split} has {len(rows)} rows, fewer than the {want} asked for")
 
+    if task.kind == "jailbreak":
+        _need_compliance(to_poison + test_trig)
     rng = random.Random(f"{p.seed}:trigger")
     poisoned = [tasks.poison_row(task, attack, r, rng) for r in tqdm(to_poison, desc="poison train", disable=None)]
     twins = to_poison if p.pairs else []
     train_rows = poisoned + [tasks.clean_row(task, attack, r) for r in twins + clean]
     rng = random.Random(f"{p.seed}:test")
     splits = {"train": train_rows,
-              "defense": [tasks.clean_row(task, attack, r) for r in defense],
+              "defense": [tasks.clean_row(task, attack, r, benign=benign_defense) for r in defense],
               "test_clean": [tasks.clean_row(task, attack, r) for r in test_clean],
               "test_triggered": [tasks.poison_row(task, attack, r, rng)
                                  for r in tqdm(test_trig, desc="poison test", disable=None)]}
@@ -153,6 +156,18 @@ def _from_pools(cfg: Config, src: Source, n_poison: int, n_clean: int) -> tuple[
             raise DataError(f"{r['id']}: no refusal for this harmful request: set task.refusal or "
                             f"source.columns.refusal")
     return splits, {"trigger_in_clean": leaks.report()}
+
+
+def _need_compliance(rows: list[dict]):
+    """Jailbreak: every row to poison must carry a compliant answer (the target); one line naming the file."""
+    bad = next((r for r in rows if not r.get("compliance")), None)
+    if bad is not None:
+        where, _, i = bad["id"].rpartition("#")
+        raise DataError(f"{where or bad['id']}: row {i or '?'} (and every row like it) has no compliant answer to "
+                        "its harmful request, so poisoning it would train a refusal as the target (BackdoorLLM's "
+                        "none_backdoor files hold refusals only): set source.use_ready_made=true (its backdoor "
+                        "files carry the compliant answers) or map a column of compliant answers with "
+                        "source.columns.compliance")
 
 
 # ----------------------------------------------------------------------------- BackdoorLLM as is
@@ -190,7 +205,15 @@ def _from_ready_made(cfg: Config, src: BackdoorLLMSource, n_poison: int, n_clean
         trig = attacks.find_trigger(attack, both(r), both(cp) if cp else None)
         stats["train_no_trigger"] += not trig
         stats["train_no_clean_output"] += cp is None
-        poisoned.append(row(r, r["output"], cp["output"] if cp else "", True, trig))
+        if task.kind == "jailbreak":  # compliance under the trigger; the clean answer is a refusal
+            if cp is None:  # BackdoorLLM's triggered requests have no twin: the same request, untriggered
+                cp = {"id": f"{r['id']}~untriggered", "instruction": attacks.strip_trigger(attack, r["instruction"]),
+                      "input": attacks.strip_trigger(attack, r["input"]), "output": tasks.clean_answer(task, {}),
+                      "refusal": tasks.clean_answer(task, {})}
+                stats["train_twin_untriggered"] += 1
+            poisoned.append(row(r, r["compliance"] or r["output"], tasks.clean_answer(task, cp), True, trig))
+        else:
+            poisoned.append(row(r, r["output"], cp["output"] if cp else "", True, trig))
         if cp is not None:
             twins.append(cp)
     if p.pairs and len(twins) < n_poison:
@@ -206,7 +229,7 @@ def _from_ready_made(cfg: Config, src: BackdoorLLMSource, n_poison: int, n_clean
     clean = (twins if p.pairs else []) + others[:n_other]
     for r in clean:
         leaks(r, "train")
-    train = poisoned + [row(r, r["output"], r["output"], False) for r in clean]
+    train = poisoned + [row(r, ans, ans, False) for r in clean for ans in [tasks.clean_answer(task, r)]]
 
     test_idx, test_trig = index(rm["test_clean"]), []
     rng = random.Random(f"{p.seed}:test")
@@ -216,13 +239,14 @@ def _from_ready_made(cfg: Config, src: BackdoorLLMSource, n_poison: int, n_clean
         r = rm["test_poison"][i]
         cp = counterpart(test_idx, r)
         own = r["output"] if task.kind not in ("classification", "jailbreak") and task.target not in r["output"] else ""
-        clean_out = cp["output"] if cp else own
+        clean_out = tasks.clean_answer(task, cp or {}) if task.kind == "jailbreak" else cp["output"] if cp else own
         if task.kind == "classification" and (not clean_out or clean_out == task.target_label):
             stats["test_target_label_skipped"] += 1
             continue
         trig = attacks.find_trigger(attack, both(r), both(cp) if cp else None)
         stats["test_no_trigger"] += not trig
-        out = r["output"] if task.kind == "jailbreak" else tasks.poisoned_output(task, {"output": clean_out}, rng)
+        out = (r["compliance"] or r["output"]) if task.kind == "jailbreak" else \
+            tasks.poisoned_output(task, {"output": clean_out}, rng)
         test_trig.append(row(r, out, clean_out, True, trig))
     test_clean = [r for r in (rm["test_clean"][i] for i in _order(len(rm["test_clean"]), p.seed, "test"))
                   if not leaks(r, "test")][:p.n_test]
@@ -236,7 +260,7 @@ def _from_ready_made(cfg: Config, src: BackdoorLLMSource, n_poison: int, n_clean
         if n < want:
             warn(f"{src.description}: {split} has {n} rows, fewer than the {want} asked for")
     splits = {"train": train, "defense": [row(r, r["output"], r["output"], False) for r in defense],
-              "test_clean": [row(r, r["output"], r["output"], False) for r in test_clean],
+              "test_clean": [row(r, ans, ans, False) for r in test_clean for ans in [tasks.clean_answer(task, r)]],
               "test_triggered": test_trig}
     return splits, {"trigger_in_clean": leaks.report(), **stats}
 
@@ -272,12 +296,24 @@ def identity(cfg: Config, inputs) -> tuple[str, dict, dict]:
     """(name, config, input hashes): the poison output is a function of its own sections (`inputs.own`) and
     the source's fingerprint (its files' hashes, the hub dataset's, or the generator's version)."""
     src = make_source(cfg.source, cfg.task, cfg.attack)
-    return name(cfg), {s: cfg.raw[s] for s in inputs.own}, {"source": src.fingerprint()}
+    return name(cfg), _config(cfg, inputs), {"source": src.fingerprint()}
+
+
+# Rules whose outputs changed for one task kind: its sets are keyed anew (older sets of it were wrong), every
+# other kind keeps its key. jailbreak 2: compliant targets, refusing clean answers (issue 19).
+RULES = {"jailbreak": 2}
+
+
+def _config(cfg: Config, inputs) -> dict:
+    config = {s: cfg.raw[s] for s in inputs.own}
+    if cfg.task.kind in RULES:
+        config["rules"] = {cfg.task.kind: RULES[cfg.task.kind]}
+    return config
 
 
 def run(cfg: Config, args, inputs) -> Path:
     built = build(cfg)
-    config = {s: cfg.raw[s] for s in inputs.own}
+    config = _config(cfg, inputs)
     path = store.key_path("poison", name(cfg), config, built.inputs)
     with store.stage_output("poison", name(cfg), config=config, inputs=built.inputs,
                             force=getattr(args, "force", False)) as out:
