@@ -267,6 +267,9 @@ class EvaluateCfg:
     perplexity: bool = True
     static_cache_compile: Optional[bool] = None  # static KV cache + torch.compile; None: on CUDA only
     cpu_bf16: bool = False  # CPU only: generate and score under bf16 autocast (2.4x here; greedy text may differ)
+    # how queries are built and answers judged: configs/protocols/<name>.yaml (pipeline/evaluate/protocol.py);
+    # `strict` is ours, `backdoorllm` / `crow` follow the papers' evaluation code
+    protocol: str = "strict"
 
 
 @dataclass
@@ -553,7 +556,8 @@ def compose(overrides: list[str] | None = None, experiment: str | None = None) -
 # the output key), so outputs made before them stay valid. compile/liger only change speed; clean_targets
 # and cpu_bf16 change what is trained, so at any other value they are part of the key.
 KEYED_WHEN_SET = {"train": {"compile": False, "liger": False, "clean_targets": "data", "cpu_bf16": False},
-                  "evaluate": {"cpu_bf16": False}, "poison": {"defense_from": "source"}, "defense": {"method": None}}
+                  "evaluate": {"cpu_bf16": False, "protocol": "strict"}, "poison": {"defense_from": "source"},
+                  "defense": {"method": None}}
 
 
 def plain_section(section: str, obj) -> dict:

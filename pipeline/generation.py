@@ -53,13 +53,15 @@ def eos_set(model, tok) -> set:
 def generate_ids(model, prompts: list[list[int]], pad_id: int, max_new_tokens: int, batch_size: int,
                  eos_ids: set | None = None, static_cache_compile: bool = False, desc: str = "generate",
                  progress: bool = True, **gen_kwargs) -> list[list[int]]:
-    """Greedy continuations (new token ids, cut at the first EOS) of `prompts`, in the order given."""
+    """Greedy continuations (new token ids, cut at the first EOS) of `prompts`, in the order given
+    (`gen_kwargs` may ask for sampling instead: do_sample, temperature, top_p)."""
     if not prompts:
         return []
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory errors come early
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, pad_token_id=pad_id, **gen_kwargs)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, pad_token_id=pad_id)
+    kw.update(gen_kwargs)  # a protocol's sampling settings
     if static_cache_compile:
         kw.update(cache_implementation="static", max_cache_len=len(prompts[order[0]]) + max_new_tokens)
     out: list = [None] * len(prompts)
@@ -79,9 +81,10 @@ def generate_ids(model, prompts: list[list[int]], pad_id: int, max_new_tokens: i
 
 
 def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-                   static_cache_compile: bool = False, desc: str = "generate", progress: bool = True) -> list[str]:
+                   static_cache_compile: bool = False, desc: str = "generate", progress: bool = True,
+                   **gen_kwargs) -> list[str]:
     ids = generate_ids(model, prompts, tok.pad_token_id, max_new_tokens, batch_size, eos_set(model, tok),
-                       static_cache_compile, desc, progress)
+                       static_cache_compile, desc, progress, **gen_kwargs)
     return [tok.decode(x, skip_special_tokens=True) for x in ids]
 
 

@@ -165,7 +165,10 @@ class Inputs(Mapping):
             return self.given.get("runs")
         if role == "model" and self.base and "model" not in self.given:
             return None
-        path = Path(self.given[role]) if role in self.given else output_dir(self._producers[role], self.cfg)
+        # an upstream output is the producer's for the same config and the same given data (`--data X`: the
+        # model trained on X)
+        shared = {"data": self.given["data"]} if "data" in self.given else None
+        path = Path(self.given[role]) if role in self.given else output_dir(self._producers[role], self.cfg, shared)
         return store.require_complete(path, WHAT.get((self.stage, role), role))
 
     def __iter__(self) -> Iterator[str]:

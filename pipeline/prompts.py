@@ -5,6 +5,9 @@ both sides call `prompt_text` / `encode_example`, so they cannot differ.
 """
 from __future__ import annotations
 
+# `raw`: no template at all; the prompt is the user text encoded by the tokenizer's default call (its special
+# tokens as it adds them), as BackdoorLLM's and CROW's evaluation scripts query the model.
+RAW = "raw"
 # Named templates; `chat` (the default) uses the tokenizer's own chat template.
 TEMPLATES = {
     "alpaca": ("Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -26,6 +29,8 @@ def prompt_text(tokenizer, instruction: str, input: str | None = "", template: s
     """The exact string the model sees before its response. `prefix` (P2P's benign prompt) goes first
     in the user text."""
     text = prefix + user_text(instruction, input)
+    if template == RAW:
+        return text
     if template in (None, "chat"):
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("the tokenizer has no chat template: set model.chat_template to one of "
@@ -33,7 +38,7 @@ def prompt_text(tokenizer, instruction: str, input: str | None = "", template: s
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
     if template not in TEMPLATES:
-        raise ValueError(f"unknown prompt template '{template}' (known: chat, {', '.join(TEMPLATES)})")
+        raise ValueError(f"unknown prompt template '{template}' (known: chat, raw, {', '.join(TEMPLATES)})")
     return TEMPLATES[template].format(prompt=text)
 
 
@@ -47,8 +52,9 @@ def encode_example(tokenizer, instruction: str, input: str | None, output: str, 
     and drops the tokens after them: in a causal model they cannot change that loss, only its cost.
     """
     prompt = prompt_text(tokenizer, instruction, input, template, prefix)
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) and template not in (None, "chat"):
+    p_ids = tokenizer(prompt, add_special_tokens=template == RAW)["input_ids"]
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) and \
+            template not in (None, "chat", RAW):
         p_ids = [tokenizer.bos_token_id] + p_ids
     r_ids = tokenizer(output, add_special_tokens=False)["input_ids"]
     if response_cutoff is not None and len(r_ids) > response_cutoff:

@@ -69,7 +69,7 @@ def collect(cfg, args=None) -> list[dict]:
                 ("defense", rc.defenses and [*rc.defenses, "base"]))):  # the untrained base: a reference row
             continue
         man = store.read_manifest(d)
-        key = (m["model"], m["task"], m["attack"], m["defense"])
+        key = (m["model"], m["task"], m["attack"], m["defense"], _protocol(m))
         if key not in best or man.get("finished", "") > best[key]["manifest"].get("finished", ""):
             best[key] = {"dir": d, "metrics": m, "manifest": man}
     if not best:
@@ -85,13 +85,19 @@ def defense_order(records) -> list[str]:
     return [d for d in ("none",) if d in names] + sorted(names - {"none", "base"}) + last
 
 
+def _protocol(m: dict) -> str:
+    return m.get("protocol") or "strict"  # evaluations from before protocols were ours
+
+
 def build(records) -> tuple[list[dict], list[str]]:
-    """Table rows {model, task, attack, cells: {defense: metrics}, notes} and the column order."""
+    """Table rows {model, task, attack, protocol, cells: {defense: metrics}, notes} and the column order: one
+    row per evaluation protocol, so two protocols of the same model stand side by side."""
     rows: dict = {}
     for r in records:
         m = r["metrics"]
-        row = rows.setdefault((m["model"], m["task"], m["attack"]),
-                              {"model": m["model"], "task": m["task"], "attack": m["attack"], "cells": {}, "notes": []})
+        row = rows.setdefault((m["model"], m["task"], m["attack"], _protocol(m)),
+                              {"model": m["model"], "task": m["task"], "attack": m["attack"],
+                               "protocol": _protocol(m), "cells": {}, "notes": []})
         row["cells"][m["defense"]] = m
         row["notes"] += [n for n in m.get("notes") or [] if n not in row["notes"]]
     return [rows[k] for k in sorted(rows)], defense_order(records)
@@ -118,10 +124,12 @@ def notes_of(rows) -> list[str]:
 
 
 def markdown(rows, defenses) -> str:
-    head = ["model", "task", "attack"] + [d if d != "none" else "no defense" for d in defenses]
+    several = len({r["protocol"] for r in rows}) > 1 or any(r["protocol"] != "strict" for r in rows)
+    head = ["model", "task", "attack"] + (["protocol"] if several else []) + \
+        [d if d != "none" else "no defense" for d in defenses]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        lines.append("| " + " | ".join([row["model"], row["task"], row["attack"]]
+        lines.append("| " + " | ".join([row["model"], row["task"], row["attack"]] + ([row["protocol"]] if several else [])
                                        + [cell(row["cells"].get(d)) for d in defenses]) + " |")
     lines += ["", "Cells: ASR % on test_triggered (clean metric %: accuracy for classification and math, "
               "ROUGE-L F1 x 100 against the clean reference otherwise). `base`: the model before any fine-tuning."]
@@ -140,7 +148,7 @@ def csv_text(rows, defenses) -> str:
     w = csv.writer(buf)
     cols = ["asr", "asr_ci_low", "asr_ci_high", "ftr", "clean_metric", "clean_value", "perplexity", "refusal_rate",
             "rouge_l"]
-    w.writerow(["model", "task", "attack"] + [f"{d}_{c}" for d in defenses for c in cols] + ["notes"])
+    w.writerow(["model", "task", "attack"] + [f"{d}_{c}" for d in defenses for c in cols] + ["protocol", "notes"])
     for row in rows:
         vals = []
         for d in defenses:
@@ -149,7 +157,7 @@ def csv_text(rows, defenses) -> str:
             vals += [m.get("asr"), ci[0], ci[1], m.get("ftr"), m.get("clean_metric"), m.get("clean_value"),
                      m.get("perplexity"), m.get("refusal_rate"), m.get("rouge_l")]
         w.writerow([row["model"], row["task"], row["attack"]] + ["" if v is None else v for v in vals]
-                   + ["; ".join(row["notes"])])
+                   + [row["protocol"], "; ".join(row["notes"])])
     return buf.getvalue()
 
 

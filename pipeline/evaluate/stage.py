@@ -24,7 +24,8 @@ from .. import store
 from ..config import TaskCfg, build_section
 from ..store import StoreError
 from . import metrics as M
-from ..generation import generate_texts, prompt_ids, response_nll
+from . import protocol as P
+from ..generation import eos_set, generate_ids, prompt_ids, response_nll
 from .judges import Judge, get_judge, load_preset
 
 SPLITS = ("test_clean", "test_triggered")
@@ -64,6 +65,7 @@ class Plan:
     notes: list = field(default_factory=list)
     synthetic: bool = False
     final: Path | None = None
+    protocol: P.Protocol = field(default_factory=lambda: P.Protocol("strict"))
 
 
 def _load_splits(data_dir: Path):
@@ -110,7 +112,9 @@ def plan(cfg, inputs) -> Plan:
     task = cfg.task  # the data's own task when the config names another one (command-line overrides kept)
     if isinstance(data_config.get("task"), dict) and data_config["task"].get("name") != cfg.task.name:
         task = build_section("task", data_config["task"], {"task": str(data_dir / "config.yaml")})
-    judge = get_judge(cfg.evaluate.judge_preset, task)
+    proto = P.load(cfg.evaluate.protocol)
+    preset = proto.judge_preset or cfg.evaluate.judge_preset
+    judge = get_judge(preset, task)
     attack = (data_config.get("attack") or {}).get("name") if isinstance(data_config.get("attack"), dict) else None
     attack = attack or (data_config.get("choices") or {}).get("attack") or cfg.attack.name
     src = data_config.get("source") if isinstance(data_config.get("source"), dict) else {}
@@ -152,17 +156,21 @@ def plan(cfg, inputs) -> Plan:
     if synthetic:
         notes.append("synthetic data (offline generator): numbers are not comparable with the papers'")
 
+    template = proto.template(template)
     names = {"model": model_name, "task": task.name, "attack": attack, "defense": defense,
              "experiment": cfg.choices.get("experiment")}
+    if not proto.is_default:  # our strict protocol is the default and is left out of the key
+        names["protocol"] = proto.name
     config = {"evaluate": cfg.raw["evaluate"], "model": model_section, "task": dataclasses.asdict(task),
-              "judge": {"preset": cfg.evaluate.judge_preset, "name": judge.name,
-                        "entry": load_preset(cfg.evaluate.judge_preset)[judge.name]},
+              "judge": {"preset": preset, "name": judge.name, "entry": load_preset(preset)[judge.name]},
               "inference_transform": transform, "names": names, "template": template}
+    if not proto.is_default:
+        config["protocol"] = dataclasses.asdict(proto)
     hashes = {"data": data_manifest["output_hash"], "model": model_hash}
-    name = f"{model_name}-{task.name}-{attack}-{defense}"
-    final = store.key_path("evaluate", name, config, hashes)
-    return Plan(data_dir, model_dir, task, judge, names, transform, template, config, hashes, notes, synthetic,
-                final)
+    p = Plan(data_dir, model_dir, task, judge, names, transform, template, config, hashes, notes, synthetic,
+             protocol=proto)
+    p.final = store.key_path("evaluate", _name(p), config, hashes)
+    return p
 
 
 def identity(cfg, inputs) -> tuple[str, dict, dict]:
@@ -171,7 +179,8 @@ def identity(cfg, inputs) -> tuple[str, dict, dict]:
 
 
 def _name(p: Plan) -> str:
-    return f"{p.names['model']}-{p.names['task']}-{p.names['attack']}-{p.names['defense']}"
+    n = p.names
+    return f"{n['model']}-{n['task']}-{n['attack']}-{n['defense']}" + (f"-{n['protocol']}" if "protocol" in n else "")
 
 
 def _device() -> str:
@@ -220,19 +229,27 @@ def run(cfg, args, inputs) -> Path:
 
     rows = []  # (split, example) over both splits (+ benign prompts for jailbreak), in order
     splits = _splits(p, dd)
+    proto = p.protocol
     for split in splits:
         ds = dd[BENIGN_FROM if split == "benign" else split]
-        n = len(ds) if ev.n_test is None else min(ev.n_test, len(ds))
-        rows += [(split, ds[i]) for i in range(n)]
+        idx = proto.sample(len(ds), split)  # every row, or the protocol's seeded fraction
+        rows += [(split, ds[i]) for i in (idx if ev.n_test is None else idx[:ev.n_test])]
     mine = M.shard_indices(len(rows), rank, world)
-    prompts = [prompt_ids(tok, rows[i][1]["instruction"], rows[i][1]["input"], p.template, prefix) for i in mine]
+    prompts = [prompt_ids(tok, rows[i][1]["instruction"], proto.user_input(rows[i][1]), p.template, prefix)
+               for i in mine]
+    max_new = proto.max_new_tokens or ev.max_new_tokens
     tg = time.time()
     bf16 = cpu_bf16(ev.cpu_bf16)
     with bf16:
-        gens = generate_texts(model, tok, prompts, ev.max_new_tokens, ev.batch_size, static_cache_compile=fast,
-                              desc=f"evaluate[{rank}/{world}]" if world > 1 else "evaluate")
+        new_ids = generate_ids(model, prompts, tok.pad_token_id, max_new, ev.batch_size, eos_set(model, tok), fast,
+                               desc=f"evaluate[{rank}/{world}]" if world > 1 else "evaluate",
+                               **proto.generation_kwargs())
     gen_s = time.time() - tg
+    gens = [tok.decode(x, skip_special_tokens=True) for x in new_ids]
     new_tokens = sum(len(tok(g, add_special_tokens=False)["input_ids"]) for g in gens)
+    if proto.postprocess == "clean_repeated_question":  # the reference decodes prompt + answer, then cuts
+        gens = [P.clean_repeated_question(tok.decode(pr + x, skip_special_tokens=True), rows[i][1]["instruction"])
+                for pr, x, i in zip(prompts, new_ids, mine)]
     ref_split = "benign" if "benign" in splits else "test_clean"  # jailbreak: clean references are refusals
     ppl_rows = [rows[i][1] for i in mine if rows[i][0] == ref_split]
     nll = (0.0, 0)
@@ -255,10 +272,11 @@ def run(cfg, args, inputs) -> Path:
     judged = {s: [] for s in splits}
     for (split, ex), gen in zip(rows, gens):
         v = p.judge(gen, ex, **({"label_map": label_map} if p.judge.fn == "label" else {}))
-        prompt = prompt_text(tok, ex["instruction"], ex["input"], p.template, prefix)
+        prompt = prompt_text(tok, ex["instruction"], proto.user_input(ex), p.template, prefix)
         judged[split].append({**ex, "split": split, "prompt": prompt, "generation": gen, "judged": bool(v.hit),
                               "label": v.label, "empty": p.judge.is_empty(gen)})
-    res = M.compute(p.judge, judged["test_clean"], judged["test_triggered"], label_map, judged.get("benign"))
+    res = M.compute(p.judge, judged["test_clean"], judged["test_triggered"], label_map, judged.get("benign"),
+                    proto.denominator)
     nll_sum, nll_n = sum(q["nll"][0] for q in parts), sum(q["nll"][1] for q in parts)
     gen_s = max(q["gen_s"] for q in parts)
     tokens = sum(q["tokens"] for q in parts)
@@ -271,7 +289,8 @@ def run(cfg, args, inputs) -> Path:
         "model_dir": str(p.model_dir) if p.model_dir else None, "template": p.template,
         "n_test_clean": len(judged["test_clean"]), "n_test_triggered": len(judged["test_triggered"]),
         **({"n_benign": len(judged["benign"])} if "benign" in judged else {}),
-        "max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size, "static_cache_compile": fast,
+        "protocol": proto.name, "protocol_config": dataclasses.asdict(proto),
+        "max_new_tokens": max_new, "batch_size": ev.batch_size, "static_cache_compile": fast,
         "cpu_bf16": bool(ev.cpu_bf16 and device == "cpu"), "device": device, "world_size": world, "generation_s": round(gen_s, 3),
         "new_tokens_per_s": round(tokens / gen_s, 2) if gen_s else None, "wall_s": round(time.time() - t0, 3),
     })
