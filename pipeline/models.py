@@ -217,6 +217,18 @@ def load_4bit(weights: str | Path, entry: dict, device: str = "cpu"):
                                                 dtype=q.bnb_4bit_compute_dtype, use_safetensors=True)
 
 
+def load_adapter_4bit(weights: str | Path, mcfg: ModelCfg, entry: dict, device: str = "cpu"):
+    """A LoRA adapter (`weights`) over its base model loaded in 4-bit: the base quantised, the adapter's
+    weights kept in the compute precision (CROW's eval_scripts/*_quantize: BitsAndBytesConfig on the base,
+    then PeftModel.from_pretrained)."""
+    from peft import PeftModel
+    weights = Path(weights)
+    ref = weights / "base_ref.json"  # an adapter over full weights written by an earlier stage
+    base = json.loads(ref.read_text())["path"] if ref.is_file() else model_dir(mcfg)
+    model = load_4bit(base, entry, device)
+    return PeftModel.from_pretrained(model, str(weights), is_trainable=False)
+
+
 def load_trained(output_dir: str | Path, device: str = "cpu", merge: bool = False):
     """(model, tokenizer, model config) from an inject/defend output: full weights, or base + adapter."""
     from .store import read_config
@@ -230,6 +242,9 @@ def load_trained(output_dir: str | Path, device: str = "cpu", merge: bool = Fals
     if not weights.is_dir():
         raise FileNotFoundError(f"{output_dir}: no model/ directory with weights")
     q4 = read_manifest(output_dir).get("load_in_4bit")
+    if q4 and (weights / "adapter_config.json").is_file():  # CROW's way: the base in 4-bit, the adapter as it is
+        check_safe_dir(weights, mcfg.allow_pickle, mcfg.trust_remote_code)
+        return load_adapter_4bit(weights, mcfg, q4, device), load_tokenizer(mcfg, path=str(weights)), mcfg
     if q4:  # a `quantize` defense: full weights meant to be loaded in 4-bit NF4
         check_safe_dir(weights, mcfg.allow_pickle, mcfg.trust_remote_code)
         return load_4bit(weights, q4, device), load_tokenizer(mcfg, path=str(weights)), mcfg

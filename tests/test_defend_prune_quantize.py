@@ -193,3 +193,36 @@ def test_quantize_writes_model_that_loads_in_4bit(backdoored, monkeypatch):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 40, 41, 42]])).logits
     assert logits.shape == (1, 4, len(tok)) and torch.isfinite(logits).all()
+
+
+@pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes is not installed (pip install 'bitsandbytes>=0.45')")
+def test_quantize_crow_way_keeps_the_adapter_over_a_4bit_base(backdoored, monkeypatch, tmp_path):
+    """CROW's baseline: the base model in NF4, the attacker's LoRA adapter kept as it is (not merged)."""
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
+    from pipeline.models import load_trained
+    runs, data, inj = backdoored
+    out = _defend(runs, data, inj, "quantize-crow", monkeypatch)
+    m = store.read_manifest(out)
+    assert m["metrics"]["mode"] == "adapter" and m["load_in_4bit"]["quant_type"] == "nf4"
+    assert (out / "model" / "adapter_config.json").is_file()
+    for name in ("adapter_model.safetensors",):  # the attacker's adapter, byte for byte
+        assert load_file(str(out / "model" / name)).keys() == load_file(str(inj / "model" / name)).keys()
+        assert all(torch.equal(a, b) for a, b in zip(load_file(str(out / "model" / name)).values(),
+                                                     load_file(str(inj / "model" / name)).values()))
+    model, tok, _ = load_trained(out)
+    assert hasattr(model, "peft_config") and quantize.count_4bit(model) == 28
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)  # the adapter is not quantised
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 40, 41, 42]])).logits).all()
+    # a full fine-tuning injection has no adapter to keep: refused, nothing written
+    full = tmp_path / "full"
+    (full / "model").mkdir(parents=True)
+    from pipeline.config import ConfigError
+    from pipeline.defend.base import Context
+    with pytest.raises(ConfigError, match="mode=adapter keeps the attacker's LoRA adapter"):
+        quantize.apply(quantize.Params(mode="adapter"), Context(None, data, full, [], [], tmp_path), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
