@@ -203,8 +203,19 @@ def run(cfg, args) -> Path:
     executor = make_executor(cfg.cluster, folder / "jobs")
     if getattr(args, "dry_run", False):
         done = done_keys(runs, stages)
-        for key in runs:
+        for key, run in runs.items():
             print(f"{'done' if key in done else 'todo':5s} {key}")
+            for d in run.deps if run.stage != "report" else []:
+                print(f"      after {d}")
+        # the job arrays a submission makes of what is to do: one per (stage, job shape, exact set of inputs)
+        arrays: dict = {}
+        for key, run in runs.items():
+            if key not in done:
+                arrays.setdefault((run.stage, shape_for(run.stage, cfg.cluster), run.deps), []).append(key)
+        for (stage, shape, deps), keys in arrays.items():
+            after = sorted({runs[d].stage for d in deps})
+            print(f"array {stage}: {len(keys)} job(s), {shape.gpus_per_node} GPU(s) x {shape.nodes} node(s)"
+                  + (f", afterok on {len(deps)} {'/'.join(after)} job(s)" if deps else ""))
         if executor.kind == "slurm":  # what a site admin wants to see: the job scripts, one per shape
             for shape in dict.fromkeys(shape_for(r.stage, cfg.cluster) for r in runs.values()):
                 print(f"\n# ---- {shape}\n{executor.script(shape)}")
