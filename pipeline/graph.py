@@ -165,9 +165,10 @@ class Inputs(Mapping):
             return self.given.get("runs")
         if role == "model" and self.base and "model" not in self.given:
             return None
-        # an upstream output is the producer's for the same config and the same given data (`--data X`: the
-        # model trained on X)
-        shared = {"data": self.given["data"]} if "data" in self.given else None
+        # an upstream output is the producer's for the same config and, but for a defense's backdoored model,
+        # the same given data (`evaluate --data X`: the model trained or defended on X). `defend --data X`
+        # defends the config's own backdoored model with X's defense split (as before the graph existed)
+        shared = {"data": self.given["data"]} if "data" in self.given and self.stage != "defend" else None
         path = Path(self.given[role]) if role in self.given else output_dir(self._producers[role], self.cfg, shared)
         return store.require_complete(path, WHAT.get((self.stage, role), role))
 

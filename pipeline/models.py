@@ -209,12 +209,13 @@ def quantization_config(entry: dict, device: str = "cpu"):
                               bnb_4bit_compute_dtype=dtype)
 
 
-def load_4bit(weights: str | Path, entry: dict, device: str = "cpu"):
-    """The model in `weights` (a safetensors directory) loaded with the 4-bit entry's quantisation."""
+def load_4bit(weights: str | Path, entry: dict, device: str = "cpu", **kwargs):
+    """The model in `weights` (a safetensors directory, or a hub id with `revision`) loaded with the 4-bit
+    entry's quantisation."""
     from transformers import AutoModelForCausalLM
     q = quantization_config(entry, device)
     return AutoModelForCausalLM.from_pretrained(str(weights), quantization_config=q, device_map=str(device),
-                                                dtype=q.bnb_4bit_compute_dtype, use_safetensors=True)
+                                                dtype=q.bnb_4bit_compute_dtype, use_safetensors=True, **kwargs)
 
 
 def load_adapter_4bit(weights: str | Path, mcfg: ModelCfg, entry: dict, device: str = "cpu"):
@@ -225,7 +226,12 @@ def load_adapter_4bit(weights: str | Path, mcfg: ModelCfg, entry: dict, device: 
     weights = Path(weights)
     ref = weights / "base_ref.json"  # an adapter over full weights written by an earlier stage
     base = json.loads(ref.read_text())["path"] if ref.is_file() else model_dir(mcfg)
-    model = load_4bit(base, entry, device)
+    kw = {"trust_remote_code": mcfg.trust_remote_code}
+    if Path(base).is_dir():
+        check_safe_dir(Path(base), mcfg.allow_pickle, mcfg.trust_remote_code)
+    elif mcfg.source == "hub":
+        kw["revision"] = mcfg.revision  # the base the adapter was trained on
+    model = load_4bit(base, entry, device, **kw)
     return PeftModel.from_pretrained(model, str(weights), is_trainable=False)
 
 

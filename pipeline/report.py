@@ -173,8 +173,9 @@ def latex(rows, defenses) -> str:
     head = ["Model", "Task", "Attack"] + [_tex(d if d != "none" else "No defense") for d in defenses]
     out = [r"\begin{table}[t]", r"\centering", r"\small",
            r"\begin{tabular}{lll" + "c" * len(defenses) + "}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
-    for row in rows:
-        out.append(" & ".join([_tex(row["model"]), _tex(row["task"]), _tex(row["attack"])]
+    for row in rows:  # a protocol other than ours is named with the attack
+        attack = row["attack"] + ("" if row.get("protocol", "strict") == "strict" else f" ({row['protocol']})")
+        out.append(" & ".join([_tex(row["model"]), _tex(row["task"]), _tex(attack)]
                               + [cell(row["cells"].get(d)).replace("–", "--") for d in defenses]) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}",
             r"\caption{ASR (\%) on triggered inputs; in parentheses the clean metric (\%): accuracy, or ROUGE-L F1."
@@ -183,7 +184,8 @@ def latex(rows, defenses) -> str:
 
 
 def _label(row) -> str:
-    return f"{row['model']}\n{row['task']}/{row['attack']}"
+    proto = "" if row.get("protocol", "strict") == "strict" else f" [{row['protocol']}]"
+    return f"{row['model']}\n{row['task']}/{row['attack']}{proto}"
 
 
 def plot_bars(rows, defenses, path: Path):

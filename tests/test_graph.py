@@ -189,3 +189,24 @@ def test_an_unknown_defense_module_is_a_config_error(tmp_path, monkeypatch):
     # a variant is a YAML alone: it names a shipped module
     mod, params = method(compose(["experiment=tiny", "defense=sande-p"]))
     assert mod.__name__ == "pipeline.defend.sande" and params.known_tokens == 2
+
+
+def test_given_data_reaches_the_model_it_names_but_not_a_defenses_backdoored_model(monkeypatch, tmp_path):
+    """`evaluate --data X` reads the model trained (or defended) on X; `defend --data X` defends the config's
+    own backdoored model with X's defense split, as before the graph existed."""
+    calls = []
+
+    def fake_output_dir(stage, cfg, given=None, base=False, args=None):
+        calls.append((stage, (given or {}).get("data")))
+        d = tmp_path / stage
+        d.mkdir(exist_ok=True)
+        (d / store.SUCCESS).write_text("")
+        return d
+    monkeypatch.setattr(graph, "output_dir", fake_output_dir)
+    x = tmp_path / "X"
+    x.mkdir()
+    (x / store.SUCCESS).write_text("")
+    graph.Inputs("defend", compose(["experiment=tiny", "defense=crow"]), {"data": str(x)})["model"]
+    graph.Inputs("evaluate", compose(["experiment=tiny"]), {"data": str(x)})["model"]
+    graph.Inputs("evaluate", compose(["experiment=tiny", "defense=crow"]), {"data": str(x)})["model"]
+    assert calls == [("inject", None), ("inject", str(x)), ("defend", str(x))]

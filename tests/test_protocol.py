@@ -26,6 +26,9 @@ def test_strict_is_the_default_and_left_out_of_keys():
     assert b.denominator == "nonempty" and b.postprocess == "clean_repeated_question"
     with pytest.raises(ConfigError, match="unknown protocol 'nope'"):
         P.load("nope")
+    with pytest.raises(ValueError, match="only a raw query"):  # the cut needs the prompt to be the instruction
+        P.Protocol("x", postprocess="clean_repeated_question")
+    assert P.load("backdoorllm").task_judges == {"sst2": "sst2"}  # the reference's "Negative" anywhere
 
 
 def test_raw_query_is_the_tokenizers_encoding_of_the_instruction_alone():

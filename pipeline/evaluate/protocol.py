@@ -39,10 +39,14 @@ class Protocol:
     sample_fraction: Optional[float] = None  # evaluate a seeded random fraction of each test split
     sample_seed: int = 0
     judge_preset: Optional[str] = None  # None: evaluate.judge_preset
+    task_judges: dict = field(default_factory=dict)  # task name -> the preset entry judging it (else task.judge)
 
     def __post_init__(self):
         if self.postprocess not in ("none", "clean_repeated_question"):
             raise ValueError(f"field 'postprocess': {self.postprocess!r} is not one of none, clean_repeated_question")
+        if self.postprocess == "clean_repeated_question" and self.query != RAW:
+            raise ValueError("field 'postprocess': clean_repeated_question cuts the instruction from the decoded "
+                             "prompt + answer, which only a raw query leaves as the instruction alone")
         if self.denominator not in ("all", "nonempty"):
             raise ValueError(f"field 'denominator': {self.denominator!r} is not one of all, nonempty")
         if not set(self.fields) <= {"instruction", "input"} or "instruction" not in self.fields:

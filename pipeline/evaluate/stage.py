@@ -35,7 +35,7 @@ BENIGN_FROM = "defense"  # jailbreak: benign prompts (BackdoorLLM's clean Alpaca
 def _splits(p, dd) -> tuple[str, ...]:
     """What to generate on: the two test splits, and for jailbreak also benign prompts (its clean references
     are refusals, so helpfulness is measured on the defense split's benign rows when the set has them)."""
-    if p.task.kind == "jailbreak" and BENIGN_FROM in dd and len(dd[BENIGN_FROM]):
+    if p.task.kind == "jailbreak" and p.benign_defense and BENIGN_FROM in dd and len(dd[BENIGN_FROM]):
         return (*SPLITS, "benign")
     return SPLITS
 REQUIRED = ("id", "instruction", "input", "output", "clean_output")
@@ -66,6 +66,7 @@ class Plan:
     synthetic: bool = False
     final: Path | None = None
     protocol: P.Protocol = field(default_factory=lambda: P.Protocol("strict"))
+    benign_defense: bool = False  # the poisoned set's defense split holds benign prompts (poison's manifest says)
 
 
 def _load_splits(data_dir: Path):
@@ -113,6 +114,8 @@ def plan(cfg, inputs) -> Plan:
     if isinstance(data_config.get("task"), dict) and data_config["task"].get("name") != cfg.task.name:
         task = build_section("task", data_config["task"], {"task": str(data_dir / "config.yaml")})
     proto = P.load(cfg.evaluate.protocol)
+    if proto.task_judges.get(task.name, task.judge) != task.judge:  # the reference's judge for this task
+        task = dataclasses.replace(task, judge=proto.task_judges[task.name])
     preset = proto.judge_preset or cfg.evaluate.judge_preset
     judge = get_judge(preset, task)
     attack = (data_config.get("attack") or {}).get("name") if isinstance(data_config.get("attack"), dict) else None
@@ -156,6 +159,10 @@ def plan(cfg, inputs) -> Plan:
     if synthetic:
         notes.append("synthetic data (offline generator): numbers are not comparable with the papers'")
 
+    if transform is not None and proto.query != "template":
+        raise StoreError(f"{model_dir}: its defense changes how it is queried (inference_transform), which protocol "
+                         f"'{proto.name}' (query: {proto.query}) would replace; evaluate it under a protocol with "
+                         "query: template (e.g. evaluate.protocol=strict)")
     template = proto.template(template)
     names = {"model": model_name, "task": task.name, "attack": attack, "defense": defense,
              "experiment": cfg.choices.get("experiment")}
@@ -168,7 +175,7 @@ def plan(cfg, inputs) -> Plan:
         config["protocol"] = dataclasses.asdict(proto)
     hashes = {"data": data_manifest["output_hash"], "model": model_hash}
     p = Plan(data_dir, model_dir, task, judge, names, transform, template, config, hashes, notes, synthetic,
-             protocol=proto)
+             protocol=proto, benign_defense=bool((data_manifest.get("metrics") or {}).get("defense_benign")))
     p.final = store.key_path("evaluate", _name(p), config, hashes)
     return p
 

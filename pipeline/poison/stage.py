@@ -155,7 +155,7 @@ def _from_pools(cfg: Config, src: Source, n_poison: int, n_clean: int) -> tuple[
         if not r["clean_output"]:
             raise DataError(f"{r['id']}: no refusal for this harmful request: set task.refusal or "
                             f"source.columns.refusal")
-    return splits, {"trigger_in_clean": leaks.report()}
+    return splits, {"trigger_in_clean": leaks.report(), "defense_benign": benign_defense}
 
 
 def _need_compliance(rows: list[dict]):
@@ -262,7 +262,7 @@ def _from_ready_made(cfg: Config, src: BackdoorLLMSource, n_poison: int, n_clean
     splits = {"train": train, "defense": [row(r, r["output"], r["output"], False) for r in defense],
               "test_clean": [row(r, ans, ans, False) for r in test_clean for ans in [tasks.clean_answer(task, r)]],
               "test_triggered": test_trig}
-    return splits, {"trigger_in_clean": leaks.report(), **stats}
+    return splits, {"trigger_in_clean": leaks.report(), "defense_benign": True, **stats}
 
 
 # ------------------------------------------------------------------------------------------- stage
