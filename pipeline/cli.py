@@ -51,16 +51,7 @@ EPILOG = ("Overrides: group=name picks a config file ({groups}); key.sub=value s
 
 def stage_module(stage: str):
     """The command's module (NotBuilt when it does not exist yet)."""
-    loader, _ = STAGES[stage]
-    if stage in graph.BY_NAME:
-        return graph.load(stage, loader)
-    try:
-        return loader()
-    except ModuleNotFoundError as e:
-        mod = MODULES[stage]
-        if e.name and (e.name == mod or mod.startswith(e.name + ".") or e.name.startswith(mod + ".")):
-            raise NotBuilt(f"stage '{stage}' is not built yet ({mod} does not exist)") from None
-        raise
+    return graph.load(stage, STAGES[stage][0], MODULES.get(stage))
 
 
 def _run(stage: str, cfg, args):

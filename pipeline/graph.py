@@ -124,10 +124,11 @@ class NotBuilt(Exception):
     """A stage whose module does not exist yet."""
 
 
-def load(stage: str, loader: Callable | None = None):
-    """The stage's module (NotBuilt when it does not exist; a broken import inside it is not hidden)."""
+def load(stage: str, loader: Callable | None = None, module: str | None = None):
+    """The stage's module, or another command's (`loader`, `module`): NotBuilt when the module does not exist;
+    a broken import inside it is not hidden."""
     s = BY_NAME.get(stage)
-    module = s.module if s else stage
+    module = module or (s.module if s else stage)
     try:
         return (loader or s.load)()
     except ModuleNotFoundError as e:

@@ -24,6 +24,7 @@ from . import store
 from .self_answers import self_targets
 from .train.trainer import Trainer, checkpoint_dir_for, cleanup_checkpoints
 
+
 def add_arguments(p):
     p.add_argument("--data", default=None, help="a poison output directory (default: the one cfg names)")
 

@@ -120,6 +120,8 @@ def apply(params: Params, ctx, out_dir: Path) -> dict:
     res = {MANIFEST_KEY: entry, "mode": params.mode}
     if params.mode == "adapter":  # the adapter as the attacker left it; the base is quantised when loaded
         shutil.copytree(Path(ctx.model_dir) / "model", target)
+        if not params.verify:  # nothing to load: the full-precision model serves only the comparison
+            return res
         model, tok, mcfg = load_trained(ctx.model_dir, device=device)
         loader = lambda: load_adapter_4bit(target, mcfg, entry, device)  # noqa: E731
     else:

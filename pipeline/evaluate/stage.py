@@ -30,6 +30,8 @@ from .judges import Judge, get_judge, load_preset
 
 SPLITS = ("test_clean", "test_triggered")
 BENIGN_FROM = "defense"  # jailbreak: benign prompts (BackdoorLLM's clean Alpaca rows) for its helpfulness
+REQUIRED = ("id", "instruction", "input", "output", "clean_output")
+TRANSFORM_KEYS = ("prefix", "template", "label_map", "output_prefix")
 
 
 def _splits(p, dd) -> tuple[str, ...]:
@@ -38,8 +40,6 @@ def _splits(p, dd) -> tuple[str, ...]:
     if p.task.kind == "jailbreak" and p.benign_defense and BENIGN_FROM in dd and len(dd[BENIGN_FROM]):
         return (*SPLITS, "benign")
     return SPLITS
-REQUIRED = ("id", "instruction", "input", "output", "clean_output")
-TRANSFORM_KEYS = ("prefix", "template", "label_map", "output_prefix")
 
 
 def add_arguments(p):
@@ -114,7 +114,7 @@ def plan(cfg, inputs) -> Plan:
     if isinstance(data_config.get("task"), dict) and data_config["task"].get("name") != cfg.task.name:
         task = build_section("task", data_config["task"], {"task": str(data_dir / "config.yaml")})
     proto = P.load(cfg.evaluate.protocol)
-    if proto.task_judges.get(task.name, task.judge) != task.judge:  # the reference's judge for this task
+    if task.name in proto.task_judges:  # the reference's judge for this task
         task = dataclasses.replace(task, judge=proto.task_judges[task.name])
     preset = proto.judge_preset or cfg.evaluate.judge_preset
     judge = get_judge(preset, task)

@@ -229,7 +229,11 @@ def _from_ready_made(cfg: Config, src: BackdoorLLMSource, n_poison: int, n_clean
     clean = (twins if p.pairs else []) + others[:n_other]
     for r in clean:
         leaks(r, "train")
-    train = poisoned + [row(r, ans, ans, False) for r in clean for ans in [tasks.clean_answer(task, r)]]
+    def clean_row(r):  # a clean row answers with the task's clean behaviour (jailbreak: its refusal)
+        ans = tasks.clean_answer(task, r)
+        return row(r, ans, ans, False)
+
+    train = poisoned + [clean_row(r) for r in clean]
 
     test_idx, test_trig = index(rm["test_clean"]), []
     rng = random.Random(f"{p.seed}:test")
@@ -260,7 +264,7 @@ def _from_ready_made(cfg: Config, src: BackdoorLLMSource, n_poison: int, n_clean
         if n < want:
             warn(f"{src.description}: {split} has {n} rows, fewer than the {want} asked for")
     splits = {"train": train, "defense": [row(r, r["output"], r["output"], False) for r in defense],
-              "test_clean": [row(r, ans, ans, False) for r in test_clean for ans in [tasks.clean_answer(task, r)]],
+              "test_clean": [clean_row(r) for r in test_clean],
               "test_triggered": test_trig}
     return splits, {"trigger_in_clean": leaks.report(), "defense_benign": True, **stats}
 
