@@ -166,6 +166,29 @@ def test_crow_trains_through_the_plugin(tmp_path):
     assert "consistency_perturbed" in tr.last_record and tr.last_record["consistency_perturbed"] > 0
 
 
+def test_crow_epsilon_relative_to_the_embedding_scale(tmp_path):
+    """`epsilon_scale: embedding_rms` scales the FGSM step by the embeddings' RMS entry; the manifest records
+    the effective epsilon and the step's norm over a token embedding's (sqrt(d) * eps / mean norm)."""
+    cfg = _cfg("train.max_steps=1")
+    runs = {}
+    for scale in ("absolute", "embedding_rms"):
+        plug = crow.Consistency(crow.Params(epsilon=0.1, epsilon_scale=scale))
+        tr = _trainer(cfg, [plug])
+        (tmp_path / scale).mkdir()
+        tr.fit(ROWS, tmp_path / scale)
+        runs[scale] = plug.save(tr, None)["crow"]
+        w = tr.model.get_input_embeddings().weight.detach().float()
+    rms, norm = float(w.pow(2).mean().sqrt()), float(w.norm(dim=-1).mean())
+    assert runs["absolute"]["epsilon"] == 0.1
+    assert runs["embedding_rms"]["epsilon"] == pytest.approx(0.1 * rms, rel=1e-4)
+    d = w.shape[1]
+    assert runs["absolute"]["step_norm_over_embedding_norm"] == pytest.approx(0.1 * d ** 0.5 / norm, rel=1e-3)
+    # relative to the scale, the step is about epsilon of a token embedding's norm, whatever the model's scale
+    assert runs["embedding_rms"]["step_norm_over_embedding_norm"] == pytest.approx(0.1, rel=0.1)
+    with pytest.raises(ValueError, match="epsilon_scale"):
+        crow.Params(epsilon_scale="relative")
+
+
 def test_sande_phases_targets():
     cfg = _cfg()
     with tempfile.TemporaryDirectory() as w:
@@ -272,3 +295,13 @@ def test_clean_targets_follow_the_training_time_defense_only():
     assert defense_train(_cfg("defense=p2p", "train.clean_targets=self"))["clean_targets"] == "self"
     assert "clean_targets" not in defense_train(_cfg("defense=crow", "train.clean_targets=self"))
     assert "clean_targets" not in defense_train(_cfg("defense=p2p"))
+
+
+def test_injlr_variants_train_at_the_injections_own_lr():
+    """osft-injlr / sande-injlr: `defense.train.lr: inject` resolves to the experiment's `train.lr`, so the key
+    and the run carry the number, and it follows the injection recipe."""
+    from pipeline.defend.stage import defense_train
+    for d in ("osft-injlr", "sande-injlr"):
+        assert defense_train(_cfg(f"defense={d}", "train.lr=3e-4"))["lr"] == 3e-4
+        assert defense_train(_cfg(f"defense={d}", "train.lr=1.5e-4"))["lr"] == 1.5e-4
+    assert defense_train(_cfg("defense=osft", "train.lr=3e-4"))["lr"] == 5e-6  # the shipped one keeps 5e-6

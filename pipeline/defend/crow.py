@@ -17,6 +17,20 @@ class Params:
     alpha: float = 5.5  # 11 for refusal (configs/defense/crow.yaml notes it)
     epsilon: float = 0.1
     mask_padding: bool = True
+    # `absolute`: the FGSM step moves each embedding coordinate by epsilon (the code's form, set for
+    # Llama-2-7B); `embedding_rms`: by epsilon x the RMS of the token embedding matrix's entries, so the step
+    # keeps its size relative to the embeddings across models
+    epsilon_scale: str = "absolute"
+
+    def __post_init__(self):
+        if self.epsilon_scale not in ("absolute", "embedding_rms"):
+            raise ValueError(f"epsilon_scale must be absolute or embedding_rms, got {self.epsilon_scale!r}")
+
+
+def embedding_scale(weight: torch.Tensor) -> tuple[float, float]:
+    """(RMS of the entries, mean L2 norm of a token's embedding) of an embedding matrix [V, d]."""
+    w = weight.detach().float()
+    return float(w.pow(2).mean().sqrt()), float(w.norm(dim=-1).mean())
 
 
 def consistency_loss(hidden_states, mask: torch.Tensor | None) -> torch.Tensor:
@@ -42,6 +56,27 @@ class Consistency(Plugin):
 
     def __init__(self, params: Params):
         self.p = params
+        self.epsilon, self.step_ratio = params.epsilon, None
+
+    def setup(self, trainer):
+        """The effective epsilon, and the FGSM step's norm relative to a token embedding's (in the manifest)."""
+        w = trainer.model.get_input_embeddings().weight
+        if hasattr(w, "ds_id"):  # partitioned under ZeRO-3: gather it to measure
+            import deepspeed
+            with deepspeed.zero.GatheredParameters([w]):
+                rms, norm = embedding_scale(w)
+        else:
+            rms, norm = embedding_scale(w)
+        self.epsilon = self.p.epsilon * (rms if self.p.epsilon_scale == "embedding_rms" else 1.0)
+        self.step_ratio = self.epsilon * w.shape[-1] ** 0.5 / norm if norm > 0 else None
+        if trainer.is_main:
+            print(f"[crow] epsilon {self.epsilon:.4g} ({self.p.epsilon_scale}): the FGSM step's norm is "
+                  f"{self.step_ratio:.2f} of a token embedding's")
+
+    def save(self, trainer, out_dir):
+        return {"crow": {"epsilon": self.epsilon, "epsilon_scale": self.p.epsilon_scale,
+                         "step_norm_over_embedding_norm": None if self.step_ratio is None
+                         else round(self.step_ratio, 4)}}
 
     def loss(self, trainer, batch, outputs, lm_loss):
         mask = batch["attention_mask"] if self.p.mask_padding else None
@@ -53,7 +88,7 @@ class Consistency(Plugin):
                   output_hidden_states=True, use_cache=False)
         clean_c = consistency_loss(trainer.extra_forward(inputs_embeds=embeds, **kw).hidden_states, mask)
         grad, = torch.autograd.grad(clean_c, embeds)
-        perturbed = (embeds + self.p.epsilon * grad.sign()).detach()
+        perturbed = (embeds + self.epsilon * grad.sign()).detach()
         pert_c = consistency_loss(trainer.extra_forward(inputs_embeds=perturbed, **kw).hidden_states, mask)
         return lm_loss + self.p.alpha * pert_c, {"consistency": clean_c.item(), "consistency_perturbed": pert_c.item()}
 

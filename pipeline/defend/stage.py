@@ -64,11 +64,14 @@ def defense_train(cfg) -> dict:
     `train` recipe (the one the no-defense inject row used) <- `defense.train` (empty unless a preset such
     as p2p-paper sets the paper's own recipe); only the data differ between the two rows (so a
     `train.clean_targets=self` run answers the clean rows with the base model before P2P's transform, as
-    inject does)."""
+    inject does). `defense.train.lr: inject` trains at the injection's own lr (`train.lr`; the variants
+    osft-injlr / sande-injlr)."""
     base = plain_section("train", TrainCfg())
     keys = cfg.raw["train"] if cfg.defense.family == "training_time" else INHERITED
     base.update({k: cfg.raw["train"][k] for k in keys if k in cfg.raw["train"]})
     base.update(cfg.defense.train)
+    if base.get("lr") == "inject":
+        base["lr"] = cfg.train.lr
     return base
 
 

@@ -19,6 +19,7 @@ The teacher is frozen (eval mode, no gradients) and must share the student's tok
 """
 from __future__ import annotations
 
+import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,18 +48,63 @@ class Params:
     teacher_aux_weight: float = 1.0  # the LM loss through the feature head (trains W_up)
     official_broadcast: bool = False
     kd_space: str = "auto"  # auto (labels for classification tasks, else vocab) | vocab | labels
+    # the feature head f_T: `aux` = ReLU(W_up h_T + b), trained with the teacher (the official form); `lstsq` =
+    # W h_T + b fitted in closed form (ridge) to the student's own features on the clean rows, before phase 2
+    head: str = "aux"
+    head_ridge: float = 1.0e-3  # the ridge penalty, relative to the mean diagonal of the features' Gram matrix
+    head_holdout: float = 0.2  # the fraction of clean rows held out to measure the head's explained variance
 
     def __post_init__(self):
         if self.kd_space not in ("auto", "vocab", "labels"):
             raise ValueError(f"kd_space must be auto, vocab or labels, got {self.kd_space!r}")
+        if self.head not in ("aux", "lstsq"):
+            raise ValueError(f"head must be aux or lstsq, got {self.head!r}")
+        if not 0 < self.head_holdout < 1:
+            raise ValueError(f"head_holdout must be in (0, 1), got {self.head_holdout}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 # ------------------------------------------------------------------------------------------ losses
-def project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The teacher's feature head: ReLU(W h + b), d_T -> d_S."""
-    return torch.relu(F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)))
+def project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = True) -> torch.Tensor:
+    """The teacher's feature head: ReLU(W h + b) (relu=False: W h + b, the fitted head), d_T -> d_S."""
+    f = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
+    return torch.relu(f) if relu else f
+
+
+class FeatureFit:
+    """Streaming ridge regression y ~ W x + b over token features (normal equations in float64), and the
+    explained variance R^2 = 1 - SSE / SST of any head on held-out tokens."""
+
+    def __init__(self):
+        self.xtx = self.xty = None
+
+    def add(self, x: torch.Tensor, y: torch.Tensor):  # x [N, d_in], y [N, d_out]
+        x1 = torch.cat([x.double(), x.new_ones(len(x), 1, dtype=torch.float64)], 1)
+        xtx, xty = x1.T @ x1, x1.T @ y.double()
+        self.xtx = xtx if self.xtx is None else self.xtx + xtx
+        self.xty = xty if self.xty is None else self.xty + xty
+
+    def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W [d_out, d_in], b [d_out]); the bias is not penalised."""
+        d = self.xtx.shape[0] - 1
+        lam = ridge * float(self.xtx.diagonal()[:d].mean())
+        reg = torch.eye(d + 1, dtype=torch.float64) * lam
+        reg[d, d] = 0
+        wb = torch.linalg.solve(self.xtx + reg, self.xty)  # [d_in + 1, d_out]
+        return wb[:d].T.float().contiguous(), wb[d].float().contiguous()
+
+
+def explained_variance(pairs) -> float:
+    """R^2 of predictions against targets over (pred [N, d], target [N, d]) chunks: 1 - SSE / SST, SST around
+    the targets' mean feature vector."""
+    sse, n, s, s2 = 0.0, 0, 0.0, 0.0
+    for pred, y in pairs:
+        pred, y = pred.double(), y.double()
+        sse += float(((pred - y) ** 2).sum())
+        n, s, s2 = n + len(y), s + y.sum(0), s2 + (y ** 2).sum(0)
+    sst = float((s2 - s ** 2 / n).sum())
+    return 1 - sse / sst if sst > 0 else float("nan")
 
 
 def feature_loss(f_t: torch.Tensor, h_s: torch.Tensor, token_mask: torch.Tensor | None,
@@ -199,6 +245,7 @@ class Distill(Plugin):
         self.p, self.teacher_dir, self.teacher_name, self.student_name = params, Path(teacher_dir), teacher, student
         self.label_words = label_words
         self.teacher = None
+        self.relu, self.head_r2 = True, None
 
     def setup(self, trainer):
         from safetensors.torch import load_file
@@ -219,6 +266,49 @@ class Distill(Plugin):
             raise ValueError(f"w2sdefense: the teacher's feature head maps to {self.w.shape[0]} dims, the student "
                              f"is {d_s} wide")
         self.label_ids = label_token_ids(trainer.tok, self.label_words) if self.label_words else None
+        self.fit_head(trainer)
+
+    def features(self, trainer, examples, bs: int = 8):
+        """(teacher h_T, student h_S) of every non-pad token of `examples`, batch by batch: the teacher's and
+        the student's (as it starts phase 2) final hidden states, no gradients, the student in eval mode."""
+        from ..train.packing import pad_batch
+        model, dev = trainer.model, self.w.device
+        was_training = model.training
+        model.to(dev).eval()
+        try:
+            with torch.no_grad():
+                for i in range(0, len(examples), bs):
+                    b = pad_batch(examples[i:i + bs], trainer.tok.pad_token_id)
+                    kw = {k: b[k].to(dev) for k in ("input_ids", "attention_mask", "position_ids")}
+                    keep = b["sample_ids"].to(dev) >= 0
+                    h_t = self.teacher(**kw, output_hidden_states=True, use_cache=False).hidden_states[-1]
+                    h_s = model(**kw, output_hidden_states=True, use_cache=False).hidden_states[-1]
+                    yield h_t[keep].float(), h_s[keep].float()
+        finally:
+            model.train(was_training)
+
+    def fit_head(self, trainer):
+        """The head's explained variance of the student's features on held-out clean rows (both heads), and
+        with `head: lstsq` the head itself: W h_T + b fitted by ridge regression on the other rows."""
+        ex = list(trainer.examples)
+        random.Random(trainer.tc.seed).shuffle(ex)
+        k = min(len(ex) - 1, max(1, round(len(ex) * self.p.head_holdout)))
+        if k < 1:  # one row: nothing to hold out
+            if self.p.head == "lstsq":
+                raise ConfigError("w2sdefense: head=lstsq needs at least 2 clean rows (one held out)")
+            return
+        held, fit = ex[:k], ex[k:]
+        if self.p.head == "lstsq":
+            acc = FeatureFit()
+            for h_t, h_s in self.features(trainer, fit):
+                acc.add(h_t, h_s)
+            w, b = acc.solve(self.p.head_ridge)
+            self.w, self.b, self.relu = w.to(self.w.device), b.to(self.w.device), False
+        self.head_r2 = explained_variance((project(h_t, self.w, self.b, self.relu), h_s)
+                                          for h_t, h_s in self.features(trainer, held))
+        if trainer.is_main:
+            print(f"[w2sdefense] feature head ({self.p.head}): explains {self.head_r2:.3f} of the student's "
+                  f"feature variance on {len(held)} held-out clean rows")
 
     def loss(self, trainer, batch, outputs, lm_loss):
         if batch.get("input_ids") is None:
@@ -226,7 +316,7 @@ class Distill(Plugin):
         with torch.no_grad():
             t_out = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  position_ids=batch["position_ids"], output_hidden_states=True, use_cache=False)
-            f_t = project(t_out.hidden_states[-1], self.w, self.b)
+            f_t = project(t_out.hidden_states[-1], self.w, self.b, self.relu)
         v = self.vocab
         kd = kd_loss(outputs.logits[..., :v], t_out.logits[..., :v], batch["labels"], self.p.temperature,
                      self.label_ids)
@@ -240,7 +330,9 @@ class Distill(Plugin):
             "teacher": self.teacher_name, "student": self.student_name, "mode": mode,
             "lambda_ce": self.p.lambda_ce, "lambda_kd": self.p.lambda_kd, "lambda_fa": self.p.lambda_fa,
             "temperature": self.p.temperature, "kd_space": "labels" if self.label_ids else "vocab",
-            "official_broadcast": self.p.official_broadcast, "projection": list(self.w.shape[::-1])}}
+            "official_broadcast": self.p.official_broadcast, "projection": list(self.w.shape[::-1]),
+            "head": self.p.head,
+            "head_r2_heldout": None if self.head_r2 is None or self.head_r2 != self.head_r2 else round(self.head_r2, 4)}}
         if mode == "clean-to-poisoned":
             entry["notes"] = [NOTE.format(teacher=self.teacher_name)]
         return entry

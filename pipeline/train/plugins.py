@@ -18,7 +18,8 @@ What a plugin may use of the trainer (from `setup` on):
 - `trainer.load_frozen(path)`: a trained stage output (pipeline.models.load_trained) on the trainer's device,
   eval mode, no gradients, loaded whole even under ZeRO-3; returns (model, tokenizer, model config).
 - `trainer.extra_forward(**kw)`: a further forward pass through the trained module (CROW's perturbed pass).
-- `trainer.model`, `trainer.tok`, `trainer.tc` (the train config), `trainer.template`, `trainer.last_record`.
+- `trainer.model`, `trainer.tok`, `trainer.tc` (the train config), `trainer.template`, `trainer.last_record`,
+  `trainer.examples` (the tokenised examples, {input_ids, labels}; W2SDefense's head fit reads them).
 """
 from __future__ import annotations
 

@@ -371,7 +371,7 @@ class Trainer:
             rows = p.transform(rows)
         check_rows(rows)
         self.build_model()
-        examples = self.encode(rows)
+        examples = self.examples = self.encode(rows)
         for p in self.plugins:
             p.setup(self)
         self.module = TrainModule(self.model, self.plugin_tensors())
