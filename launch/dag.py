@@ -77,9 +77,13 @@ class PipelineStages:
 
 def expand(cfg, overrides: Sequence[str], stages=None) -> dict[str, Run]:
     """The unique runs of the sweep `cfg` describes, keyed, in dependency order. `overrides` are the
-    command line's; a group choice given there (model=...) replaces that axis of the grid."""
+    command line's; a group choice given there (model=...) replaces that axis of the grid. An experiment
+    with `sweep.experiments` (the persistence ladder's `frontier`) is the union of those experiments' grids,
+    each under its own recipe, with its own axes where it sets them, and one report over all of them."""
     stages = stages or PipelineStages()
     exp = cfg.choices["experiment"]
+    if cfg.sweep.experiments:
+        return expand_union(cfg, overrides, stages)
     cli = {section_of(o): o.split("=", 1)[1] for o in overrides if "." not in o.split("=", 1)[0]}
     base = [o for o in overrides if section_of(o) not in ("experiment", "sweep", *AXES)]
     axes = {a: [cli[a]] if a in cli else list(getattr(cfg.sweep, a + "s")) or [cfg.choices[a]] for a in AXES}
@@ -106,6 +110,30 @@ def expand(cfg, overrides: Sequence[str], stages=None) -> dict[str, Run]:
     if cfg.sweep.report and evals:
         grid = [f"report.{a}s=[{','.join(map(str, axes[a]))}]" for a in AXES]
         add("report", {}, evals, extra=[f"report.experiment={exp}", *grid])
+    return dict(sorted(runs.items(), key=lambda kv: STAGES.index(kv[1].stage)))
+
+
+def expand_union(cfg, overrides: Sequence[str], stages) -> dict[str, Run]:
+    """`sweep.experiments`: every listed experiment's runs (its grid narrowed to this experiment's axes and
+    tuned by its `sweep.overrides`, where this one sets them), then one report over their evaluations."""
+    import dataclasses
+
+    from pipeline.config import compose
+    rest = [o for o in overrides if section_of(o) != "experiment"]
+    runs: dict[str, Run] = {}
+    for name in cfg.sweep.experiments:
+        sub = compose([f"experiment={name}", *rest])
+        mine = {f"{a}s": getattr(cfg.sweep, f"{a}s") for a in AXES if getattr(cfg.sweep, f"{a}s")}
+        sub.sweep = dataclasses.replace(sub.sweep, **mine, report=False,
+                                        overrides={**sub.sweep.overrides, **cfg.sweep.overrides})
+        runs.update(expand(sub, rest, stages))
+    evals = [k for k, r in runs.items() if r.stage == "evaluate"]
+    if cfg.sweep.report and evals:
+        exp = cfg.choices["experiment"]
+        run = Run("report", (f"experiment={exp}", f"report.experiments=[{','.join(cfg.sweep.experiments)}]",
+                             "report.frontier=true", *(o for o in rest if section_of(o) not in ("sweep", *AXES))),
+                  tuple(evals))
+        runs[run.key] = run
     return dict(sorted(runs.items(), key=lambda kv: STAGES.index(kv[1].stage)))
 
 

