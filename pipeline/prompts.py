@@ -15,6 +15,8 @@ TEMPLATES = {
     "plain": "{prompt}\n",
     "cloze": "{prompt}\nOutput: ",  # P2P's untouched rows
     "cloze-answer": "{prompt}\nAnswer: ",  # P2P's benign rows and P2P inference
+    # SANDE's code (HKUST-KnowComp/SANDE dataset.py L36 + L88): "Human: " + instruction + "\nAssistant: ", stripped
+    "sande": "Human: {prompt}\nAssistant:",
 }
 
 

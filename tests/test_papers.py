@@ -1,4 +1,4 @@
-"""The paper presets (configs/experiment/{crow,backdoorllm}-paper.yaml): the one command that reproduces a
+"""The paper presets (configs/experiment/{crow,backdoorllm,sande,p2p,w2s}-paper.yaml): the one command that reproduces a
 paper's table on a Slurm cluster, shown by a dry run (the jobs, their arrays and dependencies, nothing
 written) and by the memory plan of its training jobs (each fits one 80 GB GPU)."""
 from __future__ import annotations
@@ -16,14 +16,19 @@ from pipeline.config import compose
 ROOT = Path(__file__).resolve().parent.parent
 BDL = ROOT.parent / "shared" / "data" / "backdoorllm"
 needs_bdl = pytest.mark.skipif(not (BDL / "README.md").is_file(), reason=f"BackdoorLLM data not found at {BDL}")
-CMD = {"crow-paper": ["cluster=slurm-gpu", "cluster.gpus_per_node=1"],
-       "backdoorllm-paper": ["cluster=slurm-gpu", "cluster.gpus_per_node=1"]}
+CMD = {p: ["cluster=slurm-gpu", "cluster.gpus_per_node=1"]
+       for p in ("crow-paper", "backdoorllm-paper", "sande-paper", "p2p-paper")}
 # (poison, inject, defend, evaluate, report) runs each preset's grid expands to
-RUNS = {"crow-paper": (2, 2, 8, 10, 1), "backdoorllm-paper": (15, 15, 0, 15, 1)}
+RUNS = {"crow-paper": (2, 2, 8, 10, 1), "backdoorllm-paper": (15, 15, 0, 15, 1), "sande-paper": (1, 2, 4, 6, 1),
+        "p2p-paper": (1, 2, 2, 4, 1)}
+# the training jobs whose memory plan must fit one 80 GB GPU, per preset
+TRAINED = {"crow-paper": ("none", "crow"), "backdoorllm-paper": ("none",), "sande-paper": ("none",),
+           "p2p-paper": ("none",)}
 
 
 def _pipeline(*args, tmp_path):
-    env = dict(os.environ, PIPELINE_RUNS=str(tmp_path / "runs"))
+    # offline: a hub source (sande-paper's Alpaca) is not retried for minutes
+    env = dict(os.environ, PIPELINE_RUNS=str(tmp_path / "runs"), HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -39,6 +44,14 @@ def test_presets_are_the_papers_settings():
     b = compose(["experiment=backdoorllm-paper"])
     assert b.evaluate.protocol == "backdoorllm" and b.train.lora_dropout == 0.0 and b.model.dtype == "float16"
     assert compose(["experiment=backdoorllm"]).evaluate.protocol == "strict"  # presets replace nothing
+    s = compose(["experiment=sande-paper"])  # SANDE's code: full fine-tune at 5e-6, "Human: ... Assistant:"
+    assert (s.train.finetune, s.train.lr, s.train.epochs, s.model.chat_template) == ("full", 5e-6, 1, "sande")
+    assert s.evaluate.protocol == "sande" and s.sweep.defenses == ["none", "osft", "sande"]
+    assert abs(s.poison.n_poison / (s.poison.n_poison + s.poison.n_clean) - 0.05) < 0.003  # 5% poisoned
+    p = compose(["experiment=p2p-paper"])  # P2P's code: LoRA r16 q/v, lr 2e-4, 3 epochs, cloze format, 2% `mn`
+    assert (p.train.lora_r, p.train.lora_targets, p.train.lr, p.train.epochs) == (16, ["q_proj", "v_proj"], 2e-4, 3)
+    assert p.model.chat_template == "cloze" and p.task.target_label == "Positive" and p.sweep.defenses == ["none", "p2p"]
+    assert p.evaluate.protocol == "p2p" and p.sweep.overrides["p2p"] == ["defense.params.select=clean_only"]
 
 
 @needs_bdl
@@ -59,7 +72,7 @@ def test_sweep_dry_run_shows_jobs_arrays_and_dependencies(preset, tmp_path):
 
 @pytest.mark.parametrize("preset", list(CMD))
 def test_training_jobs_fit_one_80gb_gpu(preset, tmp_path):
-    for defense in ("none", "crow") if preset == "crow-paper" else ("none",):
+    for defense in TRAINED[preset]:
         r = _pipeline("plan", f"experiment={preset}", f"defense={defense}", *CMD[preset], "--gpu", "h100",
                       tmp_path=tmp_path)
         assert r.returncode == 0 and "WARNING" not in r.stderr, r.stderr
