@@ -123,7 +123,7 @@ class AttackCfg:
 @dataclass
 class DefenseCfg:
     name: str
-    family: str = "post_hoc"  # none | post_hoc | training_time
+    family: str = "post_hoc"  # none | post_hoc | training_time | decoding (weights kept; evaluate decodes differently)
     params: dict = field(default_factory=dict)  # the method's own settings (see pipeline/defend/<name>.py)
     train: dict = field(default_factory=dict)  # overrides of the train section for this defense
     # the module that runs it: a module of pipeline/defend/ or an importable one; None = the config's name.
@@ -131,7 +131,7 @@ class DefenseCfg:
     method: Optional[str] = None
 
     def __post_init__(self):
-        _choice("family", self.family, ("none", "post_hoc", "training_time"))
+        _choice("family", self.family, ("none", "post_hoc", "training_time", "decoding"))
 
 
 @dataclass

@@ -84,7 +84,8 @@ WHAT = {("inject", "data"): "poisoned set", ("defend", "data"): "poisoned set",
 
 
 def family(cfg) -> str:
-    """none (no defense: the inject output is the model), post_hoc, or training_time."""
+    """none (no defense: the inject output is the model), post_hoc, training_time, or decoding (like post_hoc it
+    takes the backdoored model, but writes no weights: evaluate decodes that model as its manifest says)."""
     return "none" if cfg.defense.name == "none" else cfg.defense.family
 
 
@@ -93,7 +94,7 @@ def inputs_of(stage: str, fam: str) -> dict[str, str]:
     if stage == "inject":
         return {"data": "poison"}
     if stage == "defend":
-        return {"data": "poison", **({"model": "inject"} if fam == "post_hoc" else {})}
+        return {"data": "poison", **({"model": "inject"} if fam in ("post_hoc", "decoding") else {})}
     if stage == "evaluate":
         return {"model": "inject" if fam == "none" else "defend", "data": "poison"}
     return {}
@@ -114,7 +115,7 @@ def sections(stage: str) -> frozenset[str]:
     s = BY_NAME[stage]
     out = {"experiment", *s.own}
     if s.inherits:
-        for fam in ("none", "post_hoc", "training_time"):
+        for fam in ("none", "post_hoc", "training_time", "decoding"):
             for up in inputs_of(stage, fam).values():
                 out |= sections(up)
     return frozenset(out)

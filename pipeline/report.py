@@ -115,13 +115,48 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
+def _sd(m: dict, key: str) -> str:
+    """' ± std' of a rate averaged over seeds (the sampling baseline), else nothing."""
+    return "" if m.get(f"{key}_std") is None else f" ± {_pct(m[f'{key}_std'])}"
+
+
 def cell(m: dict | None) -> str:
     if m is None:
         return ""
     if m.get("task_kind") == "jailbreak":  # compliance with and without the trigger, refusal, helpfulness
-        return (f"{_pct(m.get('asr'))} · FTR {_pct(m.get('ftr'))} (refusal {_pct(m.get('refusal_rate'))}, "
-                f"ROUGE-L {_pct(m.get('rouge_l'))})")
-    return f"{_pct(m.get('asr'))} ({_pct(m.get('clean_value'))})"
+        return (f"{_pct(m.get('asr'))}{_sd(m, 'asr')} · FTR {_pct(m.get('ftr'))} (refusal "
+                f"{_pct(m.get('refusal_rate'))}, ROUGE-L {_pct(m.get('rouge_l'))})")
+    return f"{_pct(m.get('asr'))}{_sd(m, 'asr')} ({_pct(m.get('clean_value'))}{_sd(m, 'clean_value')})"
+
+
+def decoding_lines(rows) -> list[str]:
+    """One line per decoding-time defense's cell (`decoding` in its metrics): what it did and what it cost. Its
+    row's no-defense cell is the suspect model it decodes; CleanGen's reference is in the notes."""
+    out = []
+    for row in rows:
+        none = row["cells"].get("none") or {}
+        plain = none.get("new_tokens_per_s")
+        where = f"{row['model']} {row['task']}/{row['attack']}"
+        for d, m in sorted(row["cells"].items()):
+            st = (m.get("decoding_stats") or {}).get("all")
+            suspect = (m.get("decoding") or {}).get("suspect")
+            if suspect and none.get("model_dir") and suspect != none["model_dir"]:
+                out.append(f"{d} ({where}) decodes {suspect}, not this row's no-defense model {none['model_dir']}")
+            if st:
+                split = {s: (m["decoding_stats"].get(s) or {}).get("replaced_per_answer") for s in ("test_triggered",
+                                                                                                    "test_clean")}
+                first = st.get("first_replacement_mean")
+                out.append(f"{d} ({where}): {st['replaced_per_answer']:.2f} replaced tokens per answer (triggered "
+                           f"{split['test_triggered'] or 0:.2f}, clean {split['test_clean'] or 0:.2f}), "
+                           f"{_pct(st['answers_replaced'])}% of answers with a replacement"
+                           + (f", the first at answer token {first:.1f} on average" if first is not None else "")
+                           + f"; {st['forward_passes_per_token']:.2f} forward passes per new token (plain greedy: 1), "
+                           f"{m.get('new_tokens_per_s')} new tokens/s (no defense: {plain or '–'})")
+            elif m.get("seeds"):
+                per = ", ".join(_pct(v) for v in m.get("asr_seeds") or [])
+                out.append(f"{d} ({where}): mean ± sample std over seeds {', '.join(map(str, m['seeds']))}; ASR per "
+                           f"seed {per}")
+    return out
 
 
 def notes_of(rows) -> list[str]:
@@ -150,6 +185,10 @@ def markdown(rows, defenses) -> str:
     notes = notes_of(rows)
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]
+    dec = decoding_lines(rows)
+    if dec:
+        lines += ["", "Decoding-time defenses (weights unchanged: each decodes its row's no-defense model):"] + \
+            [f"- {n}" for n in dec]
     return "\n".join(lines) + "\n"
 
 
@@ -157,7 +196,7 @@ def csv_text(rows, defenses) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     cols = ["asr", "asr_ci_low", "asr_ci_high", "ftr", "clean_metric", "clean_value", "perplexity", "refusal_rate",
-            "rouge_l"]
+            "rouge_l", "asr_std", "clean_value_std"]  # *_std: over the seeds of a sampled evaluation
     w.writerow(["model", "task", "attack"] + [f"{d}_{c}" for d in defenses for c in cols] + ["protocol", "notes"])
     for row in rows:
         vals = []
@@ -165,7 +204,8 @@ def csv_text(rows, defenses) -> str:
             m = row["cells"].get(d) or {}
             ci = m.get("asr_ci") or [None, None]
             vals += [m.get("asr"), ci[0], ci[1], m.get("ftr"), m.get("clean_metric"), m.get("clean_value"),
-                     m.get("perplexity"), m.get("refusal_rate"), m.get("rouge_l")]
+                     m.get("perplexity"), m.get("refusal_rate"), m.get("rouge_l"), m.get("asr_std"),
+                     m.get("clean_value_std")]
         w.writerow([row["model"], row["task"], row["attack"]] + ["" if v is None else v for v in vals]
                    + [row["protocol"], "; ".join(row["notes"])] + ([row["rung"]] if row.get("rung") else []))
     return buf.getvalue()

@@ -11,7 +11,11 @@ registry to edit. The stage runs the phases in order on the one trainer; nothing
 What a defended model changes about how it is queried or reported travels in its manifest, never in code
 that evaluate imports: a plugin's `save()` (or `apply`'s result) may return `inference_transform`
 ({prefix, template, label_map, output_prefix}: evaluate applies it to every prompt and answer), `notes`
-([str]: printed under the report's tables) and `load_in_4bit` (how pipeline.models.load_trained loads it).
+([str]: printed under the report's tables), `load_in_4bit` (how pipeline.models.load_trained loads it) and
+`decoding` (a decoding-time defense, `family: decoding`, which writes no weights: {method, params, suspect,
+suspect_hash, ...}: evaluate decodes the suspect, the backdoored model at `suspect`, with pipeline/decoding.py's
+`method` and `params`; cleangen adds `reference`, `reference_model` (the reference's model config section) and
+`reference_is_base`; see `decoding_entry`).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from typing import Any
 from ..config import ConfigError
 
 # manifest entries an `apply` defense's result may set for evaluate and the report (see above)
-MANIFEST_KEYS = ("inference_transform", "notes", "load_in_4bit")
+MANIFEST_KEYS = ("inference_transform", "notes", "load_in_4bit", "decoding")
 
 
 @dataclass
@@ -94,3 +98,11 @@ def method(cfg):
         raise ConfigError(f"{where}: module {mod_name} is not a defense (it needs a Params dataclass and "
                           "phases(params, ctx) or apply(params, ctx, out_dir))")
     return mod, parse_params(mod.Params, cfg.defense.params, f"{where}: defense.params")
+
+
+def decoding_entry(ctx, method: str, params: dict) -> dict:
+    """The manifest entry `decoding` of a decoding-time defense: the method, its decoding parameters, and the
+    suspect it decodes (the backdoored model this defense was handed, its output hash pinned)."""
+    from ..store import read_manifest
+    return {"method": method, "params": params, "suspect": str(ctx.model_dir),
+            "suspect_hash": read_manifest(ctx.model_dir)["output_hash"]}

@@ -94,6 +94,32 @@ def compute(judge: Judge, clean: list[dict], triggered: list[dict], label_map: d
     return out
 
 
+# rates a sampled evaluation reports over its seeds (`over_seeds`)
+SEED_KEYS = ("asr", "asr_all", "ftr", "accuracy", "accuracy_strict", "accuracy_projected", "rouge_l", "refusal_rate",
+             "clean_value")
+
+
+def over_seeds(per_seed: list[dict], seeds: list) -> dict:
+    """One metrics dict from one per seed (the sampling baseline): each rate of SEED_KEYS is the mean over the
+    seeds, with `<key>_std` (sample standard deviation, n - 1) and `<key>_seeds` (the per-seed values); its counts
+    are summed, so `<key>_ci` is the Wilson interval of the pooled answers. Everything else is the first seed's."""
+    out = {**per_seed[0], "seeds": list(seeds)}
+    for key in SEED_KEYS:
+        vals = [m.get(key) for m in per_seed]
+        if key not in out or any(v is None for v in vals):
+            continue
+        mean = sum(vals) / len(vals)
+        var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
+        out.update({key: mean, f"{key}_std": math.sqrt(var), f"{key}_seeds": vals})
+        if f"{key}_k" in out:
+            k, n = sum(m[f"{key}_k"] for m in per_seed), sum(m[f"{key}_n"] for m in per_seed)
+            out.update({f"{key}_k": k, f"{key}_n": n, f"{key}_ci": list(wilson(k, n))})
+            if f"{key}_empty" in out:
+                e = sum(m[f"{key}_empty"] for m in per_seed)
+                out.update({f"{key}_empty": e, f"{key}_nonempty": k / (n - e) if n > e else None})
+    return out
+
+
 def perplexity(nll_sum: float, n_tokens: int) -> float | None:
     return math.exp(nll_sum / n_tokens) if n_tokens else None
 
