@@ -127,10 +127,20 @@ def expand_union(cfg, overrides: Sequence[str], stages) -> dict[str, Run]:
         sub.sweep = dataclasses.replace(sub.sweep, **mine, report=False,
                                         overrides={**sub.sweep.overrides, **cfg.sweep.overrides})
         runs.update(expand(sub, rest, stages))
+    # rungs that share a poisoned set (their recipes differ in training only) share one poison run: the others'
+    # keys differ by `experiment=` alone, and parallel builds of one output would replace it under its readers
+    same, first = {}, {}  # poison run key -> the kept run's key; output dir -> the kept run's key
+    for key, r in runs.items():
+        if r.stage == "poison":
+            out = stages.output_dir("poison", r.overrides)
+            same[key] = key if out is None else first.setdefault(str(out), key)
+    runs = {k: Run(r.stage, r.overrides, tuple(dict.fromkeys(same.get(d, d) for d in r.deps)))
+            for k, r in runs.items() if same.get(k, k) == k}
     evals = [k for k, r in runs.items() if r.stage == "evaluate"]
     if cfg.sweep.report and evals:
         exp = cfg.choices["experiment"]
-        run = Run("report", (f"experiment={exp}", f"report.experiments=[{','.join(cfg.sweep.experiments)}]",
+        run = Run("report", (f"experiment={exp}", f"report.experiment={exp}",
+                             f"report.experiments=[{','.join(cfg.sweep.experiments)}]",
                              "report.frontier=true", *(o for o in rest if section_of(o) not in ("sweep", *AXES))),
                   tuple(evals))
         runs[run.key] = run

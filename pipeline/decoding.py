@@ -32,14 +32,16 @@ class _Cached:
         self.model, self.pad_id, self.cache = model, pad_id, DynamicCache()
         self.device = next(model.parameters()).device
         # transformers >= 5.24 names the argument `cache` (and deprecates `past_key_values`)
-        self.arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        params = inspect.signature(model.forward).parameters
+        self.arg = "cache" if "cache" in params else "past_key_values"
+        self.keep_arg = "logits_to_keep" in params  # the LM head on the last positions only
         self.mask = torch.zeros((n, 0), dtype=torch.long, device=self.device)
         self.slots: list[list[int]] = [[] for _ in range(n)]  # the cache slot of each of a row's tokens, in order
         self.passes = [0] * n  # forward passes that carried tokens of the row
 
-    def feed(self, chunks: list[list[int]]) -> torch.Tensor:
-        """Run the model on each row's next tokens (a row with none gets masked padding): float logits [n, W, V],
-        each row's tokens right-aligned."""
+    def feed(self, chunks: list[list[int]], keep: int) -> torch.Tensor:
+        """Run the model on each row's next tokens (a row with none gets masked padding): float logits of the last
+        `keep` positions [n, keep, V], each row's tokens right-aligned."""
         n, width, base = len(chunks), max(map(len, chunks)), self.mask.shape[1]
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
@@ -53,8 +55,8 @@ class _Cached:
                 self.passes[b] += 1
         self.mask = torch.cat([self.mask, mask.to(self.device)], 1)
         out = self.model(input_ids=ids.to(self.device), attention_mask=self.mask, position_ids=pos.to(self.device),
-                         use_cache=True, **{self.arg: self.cache})
-        return out.logits.float()
+                         use_cache=True, **{self.arg: self.cache}, **({"logits_to_keep": keep} if self.keep_arg else {}))
+        return out.logits[:, -keep:].float()
 
     def keep(self, b: int, n: int):
         """Keep row b's first n tokens; the slots of the rest are masked out for good."""
@@ -73,7 +75,7 @@ def _cleangen_batch(suspect, reference, prompts, pad_id, max_new, eos, k, alpha,
     for _ in range(max_drafts):  # the code's `for i in range(self.m)`: one draft per step
         check = [b for b in range(n) if state[b] == "tail" or (state[b] == "draft" and len(p_draft[b]) == k)]
         if check:  # the reference scores every unchecked draft in one pass (it sees all but the last token)
-            logits = R.feed([seqs[b][len(R.slots[b]):-1] if b in check else [] for b in range(n)])
+            logits = R.feed([seqs[b][len(R.slots[b]):-1] if b in check else [] for b in range(n)], k)
             for b in check:
                 d, L = len(p_draft[b]), len(seqs[b])
                 probs = torch.softmax(logits[b, -d:], -1)  # row j predicts draft j
@@ -94,7 +96,7 @@ def _cleangen_batch(suspect, reference, prompts, pad_id, max_new, eos, k, alpha,
                     state[b] = "done"
         if "draft" not in state:
             break
-        logits = S.feed([seqs[b][len(S.slots[b]):] if state[b] == "draft" else [] for b in range(n)])[:, -1]
+        logits = S.feed([seqs[b][len(S.slots[b]):] if state[b] == "draft" else [] for b in range(n)], 1)[:, -1]
         p, tok = torch.softmax(logits, -1).max(-1)  # greedy draft and its probability
         for b in (b for b in range(n) if state[b] == "draft"):
             seqs[b].append(int(tok[b]))

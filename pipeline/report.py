@@ -150,7 +150,7 @@ def decoding_lines(rows) -> list[str]:
                            f"{split['test_triggered'] or 0:.2f}, clean {split['test_clean'] or 0:.2f}), "
                            f"{_pct(st['answers_replaced'])}% of answers with a replacement"
                            + (f", the first at answer token {first:.1f} on average" if first is not None else "")
-                           + f"; {st['forward_passes_per_token']:.2f} forward passes per new token (plain greedy: 1), "
+                           + f"; {st.get('forward_passes_per_token') or 0:.2f} forward passes per new token (plain greedy: 1), "
                            f"{m.get('new_tokens_per_s')} new tokens/s (no defense: {plain or '–'})")
             elif m.get("seeds"):
                 per = ", ".join(_pct(v) for v in m.get("asr_seeds") or [])
@@ -197,7 +197,9 @@ def csv_text(rows, defenses) -> str:
     w = csv.writer(buf)
     cols = ["asr", "asr_ci_low", "asr_ci_high", "ftr", "clean_metric", "clean_value", "perplexity", "refusal_rate",
             "rouge_l", "asr_std", "clean_value_std"]  # *_std: over the seeds of a sampled evaluation
-    w.writerow(["model", "task", "attack"] + [f"{d}_{c}" for d in defenses for c in cols] + ["protocol", "notes"])
+    rungs = any(r.get("rung") for r in rows)
+    w.writerow(["model", "task", "attack"] + [f"{d}_{c}" for d in defenses for c in cols] + ["protocol", "notes"]
+               + (["experiment"] if rungs else []))
     for row in rows:
         vals = []
         for d in defenses:
@@ -207,7 +209,7 @@ def csv_text(rows, defenses) -> str:
                      m.get("perplexity"), m.get("refusal_rate"), m.get("rouge_l"), m.get("asr_std"),
                      m.get("clean_value_std")]
         w.writerow([row["model"], row["task"], row["attack"]] + ["" if v is None else v for v in vals]
-                   + [row["protocol"], "; ".join(row["notes"])] + ([row["rung"]] if row.get("rung") else []))
+                   + [row["protocol"], "; ".join(row["notes"])] + ([row["rung"] or ""] if rungs else []))
     return buf.getvalue()
 
 

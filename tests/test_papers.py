@@ -17,18 +17,19 @@ ROOT = Path(__file__).resolve().parent.parent
 BDL = ROOT.parent / "shared" / "data" / "backdoorllm"
 needs_bdl = pytest.mark.skipif(not (BDL / "README.md").is_file(), reason=f"BackdoorLLM data not found at {BDL}")
 CMD = {p: ["cluster=slurm-gpu", "cluster.gpus_per_node=1"]
-       for p in ("crow-paper", "backdoorllm-paper", "sande-paper", "p2p-paper")}
+       for p in ("crow-paper", "backdoorllm-paper", "sande-paper", "p2p-paper", "w2s-paper")}
 # (poison, inject, defend, evaluate, report) runs each preset's grid expands to
 RUNS = {"crow-paper": (2, 2, 8, 10, 1), "backdoorllm-paper": (15, 15, 0, 15, 1), "sande-paper": (1, 2, 4, 6, 1),
-        "p2p-paper": (1, 2, 2, 4, 1)}
+        "p2p-paper": (1, 2, 2, 4, 1), "w2s-paper": (3, 3, 12, 15, 1)}
 # the training jobs whose memory plan must fit one 80 GB GPU, per preset
 TRAINED = {"crow-paper": ("none", "crow"), "backdoorllm-paper": ("none",), "sande-paper": ("none",),
-           "p2p-paper": ("none",)}
+           "p2p-paper": ("none",), "w2s-paper": ("none",)}
 
 
 def _pipeline(*args, tmp_path):
     # offline: a hub source (sande-paper's Alpaca) is not retried for minutes
-    env = dict(os.environ, PIPELINE_RUNS=str(tmp_path / "runs"), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PIPELINE_RUNS=str(tmp_path / "runs"), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -52,6 +53,10 @@ def test_presets_are_the_papers_settings():
     assert (p.train.lora_r, p.train.lora_targets, p.train.lr, p.train.epochs) == (16, ["q_proj", "v_proj"], 2e-4, 3)
     assert p.model.chat_template == "cloze" and p.task.target_label == "Positive" and p.sweep.defenses == ["none", "p2p"]
     assert p.evaluate.protocol == "p2p" and p.sweep.overrides["p2p"] == ["defense.params.select=clean_only"]
+    w = compose(["experiment=w2s-paper"])  # W2SDefense's code: the attacker's full fine-tune, clean-label `mn`
+    assert (w.train.finetune, w.train.lr, w.train.epochs, w.model.chat_template) == ("full", 2e-5, 5, "raw")
+    assert w.sweep.attacks == ["badnet-mn", "w2s-insent", "syntactic"] and "w2sdefense" in w.sweep.defenses
+    assert "defense.params.official_broadcast=true" in w.sweep.overrides["w2sdefense"]
 
 
 @needs_bdl

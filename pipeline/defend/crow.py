@@ -68,8 +68,9 @@ class Consistency(Plugin):
         else:
             rms, norm = embedding_scale(w)
         self.epsilon = self.p.epsilon * (rms if self.p.epsilon_scale == "embedding_rms" else 1.0)
-        self.step_ratio = self.epsilon * w.shape[-1] ** 0.5 / norm if norm > 0 else None
-        if trainer.is_main:
+        d = getattr(w, "ds_shape", w.shape)[-1]  # a ZeRO-3 partition's own shape is [0]
+        self.step_ratio = self.epsilon * d ** 0.5 / norm if norm > 0 else None
+        if trainer.is_main and self.step_ratio is not None:
             print(f"[crow] epsilon {self.epsilon:.4g} ({self.p.epsilon_scale}): the FGSM step's norm is "
                   f"{self.step_ratio:.2f} of a token embedding's")
 

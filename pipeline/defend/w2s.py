@@ -61,6 +61,8 @@ class Params:
             raise ValueError(f"head must be aux or lstsq, got {self.head!r}")
         if not 0 < self.head_holdout < 1:
             raise ValueError(f"head_holdout must be in (0, 1), got {self.head_holdout}")
+        if not self.head_ridge > 0:
+            raise ValueError(f"head_ridge must be > 0 (the fit's normal equations need it), got {self.head_ridge}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
@@ -89,7 +91,7 @@ class FeatureFit:
         """(W [d_out, d_in], b [d_out]); the bias is not penalised."""
         d = self.xtx.shape[0] - 1
         lam = ridge * float(self.xtx.diagonal()[:d].mean())
-        reg = torch.eye(d + 1, dtype=torch.float64) * lam
+        reg = torch.eye(d + 1, dtype=torch.float64, device=self.xtx.device) * lam
         reg[d, d] = 0
         wb = torch.linalg.solve(self.xtx + reg, self.xty)  # [d_in + 1, d_out]
         return wb[:d].T.float().contiguous(), wb[d].float().contiguous()
@@ -268,11 +270,11 @@ class Distill(Plugin):
         self.label_ids = label_token_ids(trainer.tok, self.label_words) if self.label_words else None
         self.fit_head(trainer)
 
-    def features(self, trainer, examples, bs: int = 8):
+    def features(self, trainer, examples):
         """(teacher h_T, student h_S) of every non-pad token of `examples`, batch by batch: the teacher's and
         the student's (as it starts phase 2) final hidden states, no gradients, the student in eval mode."""
         from ..train.packing import pad_batch
-        model, dev = trainer.model, self.w.device
+        model, dev, bs = trainer.model, self.w.device, trainer.tc.micro_batch
         was_training = model.training
         model.to(dev).eval()
         try:
@@ -362,6 +364,9 @@ def phases(params: Params, ctx) -> list[Phase]:
         if not cfg.task.labels:
             raise ConfigError(f"w2sdefense: kd_space=labels needs task.labels (task '{cfg.task.name}' has none)")
         label_token_ids(s_tok, label_words)
+    if params.head == "lstsq" and len(ctx.defense_rows) < 2:
+        raise ConfigError(f"w2sdefense: head=lstsq fits on some clean rows and measures on others: it needs at least "
+                          f"2 defense rows, got {len(ctx.defense_rows)} (raise poison.n_defense)")
     t_train = {"finetune": "full", "lr": params.teacher_lr, "merge_lora": False}
     if params.teacher_epochs is not None:
         t_train["epochs"] = params.teacher_epochs

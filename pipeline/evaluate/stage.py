@@ -154,6 +154,9 @@ def plan(cfg, inputs) -> Plan:
         mm, mc = store.read_manifest(model_dir), store.read_config(model_dir) or {}
         if mm.get("decoding") is not None:  # a decoding-time defense: no weights of its own, its suspect's
             decoding = _decoding(model_dir, mm["decoding"])
+        elif mm.get("family") == "decoding":
+            raise StoreError(f"{model_dir}/manifest.json: a decoding-time defense without its 'decoding' entry; "
+                             "refusing to evaluate it as a plain model (rerun its defend stage)")
         else:
             _check_weights(model_dir)
         if not isinstance(mc.get("model"), dict):
@@ -252,9 +255,6 @@ def run(cfg, args, inputs) -> Path:
     from ..config import compose_model
     from ..models import cpu_bf16, load_model, load_trained
 
-    if p.decoding is None and p.model_dir is not None and store.read_manifest(p.model_dir).get("family") == "decoding":
-        raise StoreError(f"{p.model_dir}/manifest.json: a decoding-time defense without its 'decoding' entry; "
-                         "refusing to evaluate it as a plain model (rerun its defend stage)")
     dec = p.decoding or {}
     method = dec.get("method")
     try:
