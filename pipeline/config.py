@@ -288,6 +288,12 @@ class ReportCfg:
     # (`frontier_x`), y = the ASR after each defense
     frontier: bool = False
     frontier_x: str = "finetune"
+    # table.md's layout: `paper` (a row per cell, a column per defense, ASR with the clean metric) or `long`
+    # (a row per defense: ASR, FTR and the clean metric, each with its 95% interval; what `make demo` prints)
+    layout: str = "paper"
+
+    def __post_init__(self):
+        _choice("layout", self.layout, ("paper", "long"))
 
 
 @dataclass
@@ -567,7 +573,7 @@ def compose(overrides: list[str] | None = None, experiment: str | None = None) -
 KEYED_WHEN_SET = {"train": {"compile": False, "liger": False, "clean_targets": "data", "cpu_bf16": False},
                   "evaluate": {"cpu_bf16": False, "protocol": "strict"}, "poison": {"defense_from": "source"},
                   "defense": {"method": None},
-                  "report": {"experiments": [], "frontier": False, "frontier_x": "finetune"},
+                  "report": {"experiments": [], "frontier": False, "frontier_x": "finetune", "layout": "paper"},
                   "sweep": {"experiments": []}}
 
 

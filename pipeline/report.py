@@ -192,6 +192,41 @@ def markdown(rows, defenses) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ci_cell(m: dict, key: str) -> str:
+    """`value [low, high]` in %, the interval omitted where the evaluation has none."""
+    v, ci = m.get(key), m.get(f"{key}_ci")
+    if v is None:
+        return "–"
+    return _pct(v) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+
+
+def markdown_long(rows, defenses) -> str:
+    """`report.layout=long`: a line per (cell, defense) with ASR, FTR and the clean metric, each with its 95%
+    interval (Wilson for rates, normal for mean ROUGE-L), and every note once below."""
+    several = len({r["protocol"] for r in rows}) > 1 or any(r["protocol"] != "strict" for r in rows)
+    rungs = any(r.get("rung") for r in rows)
+    head = (["experiment"] if rungs else []) + ["model", "task/attack"] + (["protocol"] if several else []) + \
+        ["defense", "ASR % [95%]", "FTR % [95%]", "clean metric % [95%]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        for d in defenses:
+            m = row["cells"].get(d)
+            if m is None:
+                continue
+            clean = f"{m.get('clean_metric') or '–'} {_ci_cell(m, 'clean_value')}"
+            lines.append("| " + " | ".join(([row.get("rung") or ""] if rungs else []) + [row["model"],
+                                           f"{row['task']}/{row['attack']}"] + ([row["protocol"]] if several else [])
+                                           + ["no defense" if d == "none" else d, _ci_cell(m, "asr"),
+                                              _ci_cell(m, "ftr"), clean]) + " |")
+    lines += ["", "ASR on test_triggered, FTR (false-trigger rate) on test_clean, the clean metric on test_clean "
+              "(accuracy, or ROUGE-L F1 against the clean reference); 95% intervals: Wilson for rates, normal "
+              "approximation for mean ROUGE-L. `base`: the model before any fine-tuning."]
+    notes = notes_of(rows)
+    if notes:
+        lines += ["", "Notes:"] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
 def csv_text(rows, defenses) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -404,7 +439,8 @@ def run(cfg, args, inputs) -> Path:
     with store.stage_output("report", name, config, inputs, force=getattr(args, "force", False)) as out:
         if out is None:
             return store.key_path("report", name, config, inputs)
-        (out.tmp / "table.md").write_text(markdown(rows, defenses))
+        table = markdown_long(rows, defenses) if cfg.report.layout == "long" else markdown(rows, defenses)
+        (out.tmp / "table.md").write_text(table)
         (out.tmp / "table.csv").write_text(csv_text(rows, defenses))
         (out.tmp / "table.tex").write_text(latex(rows, defenses))
         plot_bars(rows, defenses, out.tmp / "asr_bars.png")
@@ -419,5 +455,5 @@ def run(cfg, args, inputs) -> Path:
             print(table + f"frontier plot: {out.final / 'frontier.png'}", file=sys.stderr)
         out.metrics.update({"rows": len(rows), "defenses": defenses, "evaluations": len(records)})
         out.extra["notes"] = notes_of(rows)
-    print(markdown(rows, defenses), file=sys.stderr)
+    print((markdown_long if cfg.report.layout == "long" else markdown)(rows, defenses), file=sys.stderr)
     return out.final

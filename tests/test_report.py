@@ -134,3 +134,24 @@ def test_frontier_report_one_row_per_rung(tmp_path, monkeypatch):
     with pytest.raises(StoreError, match="no row has a 'prune' evaluation"):
         graph.run("report", compose(["experiment=frontier", "report.experiments=[ladder-1]", "report.frontier=true",
                                      "report.frontier_x=prune"]), args(overrides=["experiment=frontier"]))
+
+
+def test_long_layout_a_line_per_defense_with_intervals(evals, capsys):
+    """report.layout=long (what the demo prints): ASR, FTR and the clean metric per defense, each with its
+    interval where the evaluation has one, every note once."""
+    cfg = compose(["experiment=tiny", "report.layout=long"])
+    out = graph.run("report", cfg, args(overrides=["experiment=tiny"]))
+    md = (out / "table.md").read_text().splitlines()
+    assert md[0] == "| model | task/attack | defense | ASR % [95%] | FTR % [95%] | clean metric % [95%] |"
+    assert "| smollm2-135m | negsentiment/badnet | no defense | 90.0 [80.0, 100.0] | 45.0 | rouge_l 30.0 |" in md
+    assert sum("negsentiment/badnet" in ln for ln in md) == 4  # none, crow, finetune, base
+    assert sum("clean-to-poisoned" in ln for ln in md) == 1
+    assert main(["report", "experiment=tiny", "report.layout=wide"]) == 2
+    assert "'layout': 'wide' is not one of paper, long" in capsys.readouterr().err
+
+
+def test_rouge_l_interval():
+    from pipeline.evaluate.metrics import mean_ci
+    lo, hi = mean_ci([0.2, 0.4, 0.3, 0.5, 0.1])
+    assert lo < 0.3 < hi and hi - lo == pytest.approx(2 * 1.96 * (0.025 ** 0.5) / 5 ** 0.5, rel=1e-3)
+    assert mean_ci([0.5]) is None
