@@ -15,6 +15,9 @@ them all at once.
   after its injection), and a failed input cancels only what needs it (kill-on-invalid-dep); `sweep`
   again resubmits what never ran.
 - runs/sweeps/<experiment>/state.json maps run keys to job ids and log paths (`python -m pipeline status`).
+- `--wait` (always with the local executor, whose jobs are this process's children) shows the sweep live
+  until every run has ended (launch/status.py `watch`: per stage, each running run's step and ETA, then
+  the slowest runs and their logs) and exits non-zero naming each failed run's log and error.
 """
 from __future__ import annotations
 
@@ -266,13 +269,19 @@ def run(cfg, args) -> Path:
     counts = {a: sum(v == a for v in actions.values()) for a in ("done", "queued", "submitted")}
     print(f"[sweep] {len(runs)} runs: " + ", ".join(f"{n} {a}" for a, n in counts.items()), file=sys.stderr)
     if getattr(args, "wait", False) or executor.kind == "local":  # local jobs are children of this process
-        failed = []
-        for key, a in actions.items():
-            if a == "submitted":
-                job = executor.job(state.runs[key]["job_id"])
-                if job.wait() != "done":
-                    failed.append(f"  {key} (log: {getattr(job, 'log', '?')})")
+        from .progress import Display
+        from .status import watch
+        rows = watch(runs, stages, state, executor, actions, Display(), poll_s=5 if executor.kind == "slurm" else 0.5)
+        failed = [f"  {r.key} (log: {r.log or '-'}): {why(executor, r.job_id)}" for r in rows if r.state == "failed"]
         if failed:
             raise SystemExit(f"[sweep] {len(failed)} run(s) did not finish:\n" + "\n".join(failed)
                              + "\nfix the cause, then run the same sweep again: complete outputs are reused")
     return state.path
+
+
+def why(executor: Executor, job_id: str | None) -> str:
+    """A failed job's reason in one line: its error's last line, else what the executor says of it."""
+    out = executor.outcome(job_id) if job_id else None
+    if out and out[0] != "success" and str(out[1]).strip():
+        return str(out[1]).strip().splitlines()[-1]
+    return executor.describe(job_id) if job_id else "never submitted"

@@ -7,9 +7,11 @@ N nodes x G GPUs is one job of N*G tasks, one rank per task: submitit's SlurmJob
 ranks and the node list (master: the job's first node), and the port is seeded by the job id, as in
 submitit's TorchDistributedEnvironment. Under torchrun the variables are already there and are kept.
 
-`on_preempt(fn)` registers a callback run when the job is signalled before its time limit or preempted,
-just before it requeues itself. submitit runs it on rank 0 only, so it must not be a collective operation
-(a multi-rank DeepSpeed save would hang): multi-rank training relies on its periodic checkpoints.
+`on_preempt(fn)` registers a callback run when the job is signalled before its time limit, just before it
+requeues itself. submitit runs it on rank 0 only, so it must not be a collective operation (a multi-rank
+DeepSpeed save would hang). The trainer does not use it: every rank catches the signal itself, and the
+ranks save together at the next optimizer step before the signal reaches submitit
+(pipeline/train/checkpoint.py).
 """
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ _preempt_hooks: list[Callable[[], None]] = []
 
 
 def on_preempt(fn: Callable[[], None]) -> Callable[[], None]:
-    """Register `fn` to run (on rank 0) when the job is about to be stopped and requeued."""
+    """Register `fn` to run (on rank 0, not collective) when the job is about to be requeued."""
     _preempt_hooks.append(fn)
     return fn
 

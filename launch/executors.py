@@ -8,9 +8,11 @@ succeeded; under Slurm an `afterok` dependency) and report the same four states.
     job.state  # pending | running | done | failed (| unknown)
     job.result()  # waits; raises JobError with the job's traceback
 
-A stage job is one `StageRun` (submitit `Checkpointable`): on the Slurm signal before the time limit, or
-on preemption, it runs the registered preempt hooks (launch.distributed.on_preempt) and requeues itself;
-the stage resumes because its outputs and checkpoints live at deterministic paths.
+A stage job is one `StageRun` (submitit `Checkpointable`): on the Slurm signal before the time limit (USR2,
+`signal_delay_s` ahead) it runs the registered preempt hooks (launch.distributed.on_preempt) and requeues
+itself; the stage resumes because its outputs and checkpoints live at deterministic paths. A training
+stage holds the signal (and preemption's SIGTERM) back in every rank until the ranks have saved a
+checkpoint together at an optimizer-step boundary (pipeline/train/checkpoint.py), then lets it through.
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ class StageRun(Checkpointable):
         return None if out is None else str(out)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
-        distributed.run_preempt_hooks()  # e.g. the trainer saves its step now
+        distributed.run_preempt_hooks()  # rank 0 only; a training stage has saved its checkpoint already
         return super().checkpoint(*args, **kwargs)  # requeue: the same callable with the same arguments
 
 

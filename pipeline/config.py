@@ -170,6 +170,7 @@ class ClusterCfg:
     setup: list = field(default_factory=list)  # shell lines run in the job script before the stage
     stages: dict = field(default_factory=dict)  # per-stage overrides of the fields above, e.g. {evaluate: {gpus_per_node: 1}}
     signal_delay_s: int = 120  # Slurm signals a job this long before its time limit, to checkpoint and requeue
+    save_every_minutes: float = 0  # training checkpoints this often (0: none); train.save_every_minutes wins
 
     def __post_init__(self):
         _choice("executor", self.executor, ("local", "slurm", "debug"))
@@ -242,6 +243,9 @@ class TrainCfg:
     #                         (2.3x on a CPU with AVX512-BF16); on a GPU the trainer always trains in bf16
     seed: int = 42
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
+    # checkpoint every N minutes (0: never; None: the cluster profile's save_every_minutes). Never in an
+    # output key or config.yaml (UNKEYED): it changes when a job saves, not what it trains
+    save_every_minutes: Optional[float] = None
     merge_lora: bool = False
     log_every: int = 1
     tensorboard: bool = False
@@ -577,11 +581,17 @@ KEYED_WHEN_SET = {"train": {"compile": False, "liger": False, "clean_targets": "
                   "sweep": {"experiments": []}}
 
 
+# Run mechanics, never keyed: left out of the resolved config (read from the typed section instead).
+UNKEYED = {"train": ("save_every_minutes",)}
+
+
 def plain_section(section: str, obj) -> dict:
     d = dataclasses.asdict(obj)
     for k, default in KEYED_WHEN_SET.get(section, {}).items():
         if d.get(k) == default:
             d.pop(k)
+    for k in UNKEYED.get(section, ()):
+        d.pop(k, None)
     return d
 
 

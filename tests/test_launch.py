@@ -2,12 +2,15 @@
 the debug and local executors, and the distributed environment from torchrun / Slurm variables.
 
 `FakeStages` stands in for the real stages (tests/test_slurm.py uses it too): each run writes a small
-output directory with its start and end times, and can be told to fail once."""
+output directory with its start and end times, can be told to fail once, and to train (a trainer log
+written by the trainer's own TrainLogger, a step every 0.25 s) first."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -16,7 +19,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from launch import dag, distributed, status
+from launch import dag, distributed, progress, status
 from launch.executors import (
     JobError,
     LocalExecutor,
@@ -35,10 +38,12 @@ FAMILIES = {"none": "none", "crow": "post_hoc", "osft": "post_hoc", "p2p": "trai
 
 class FakeStages:
     """Stages that only record when they ran: <root>/<stage>/<hash of key>/{run.json,_SUCCESS}.
-    A run whose key contains one of `fail` raises on its first attempt; `sleep` maps stage -> seconds."""
+    A run whose key contains one of `fail` raises on its first attempt; `sleep` maps stage -> seconds,
+    `train` stage -> optimizer steps logged into its temporary output directory first."""
 
-    def __init__(self, root, fail=(), sleep=None, incompatible=()):
+    def __init__(self, root, fail=(), sleep=None, incompatible=(), train=None):
         self.root, self.fail, self.sleep, self.incompatible = Path(root), tuple(fail), dict(sleep or {}), incompatible
+        self.train = dict(train or {})
 
     @property
     def runner(self):
@@ -66,6 +71,13 @@ class FakeStages:
         out = self.output_dir(stage, overrides)
         tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
         tmp.mkdir(parents=True, exist_ok=True)
+        if stage in self.train:
+            from pipeline.train.logger import TrainLogger
+            logger = TrainLogger(tmp, self.train[stage], 1).open()
+            for step in range(1, self.train[stage] + 1):
+                time.sleep(0.25)
+                logger.log({"step": step, "lm_loss": 1.0, "tokens_per_s": 100.0})
+            logger.close()
         (tmp / "run.json").write_text(json.dumps({"key": key, "start": start, "end": time.time()}))
         (tmp / SUCCESS).write_text("")
         if out.exists():
@@ -440,5 +452,40 @@ def test_cli_sweep_wait_exits_nonzero_and_names_a_failed_run(tmp_path, monkeypat
     with pytest.raises(SystemExit) as e:
         main(["sweep", "experiment=tiny", "sweep.defenses=[none]", "cluster=debug", "--wait"])
     assert "did not finish" in str(e.value) and "inject experiment=tiny" in str(e.value)
+    assert "RuntimeError: injected failure in inject" in str(e.value)  # its error, or its log on a real executor
     # the failure was injected once: the same sweep again finishes and exits 0
     assert main(["sweep", "experiment=tiny", "sweep.defenses=[none]", "cluster=debug", "--wait"]) == 0
+
+
+def test_local_sweep_shows_the_running_runs_progress_and_a_summary(tmp_path, monkeypatch, capsys):
+    """`sweep` on the local executor, stderr not a terminal (as in CI): the stages' lines once, a line per
+    change of state, the training run's step of total and ETA from its trainer log, and a closing summary
+    with the slowest runs and their logs."""
+    from pipeline.cli import main
+    monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(dag, "PipelineStages", lambda: FakeStages(tmp_path / "out", train={"inject": 12}))
+    assert main(["sweep", "experiment=tiny", "sweep.defenses=[none]", "cluster=local"]) == 0
+    err = capsys.readouterr().err
+    assert "\ninject    1 queued\nevaluate  1 queued\nreport    1 queued\n" in err, err  # poison: started at once
+    started = r"\] \d\d:\d\d:\d\d running inject tiny-llama negsentiment badnet \(log: \S+/jobs/local-\S+\.log\)\n"
+    assert re.search(started, err), err
+    assert re.search(r"running inject tiny-llama negsentiment badnet: step ([1-9]|1[01])/12, ETA \d+s\n", err), err
+    assert re.search(r"done report\n", err) and "[sweep] 4 runs: 4 done\n[sweep] slowest:\n" in err, err
+    slow = err.split("[sweep] slowest:\n")[1].splitlines()
+    assert "inject tiny-llama negsentiment badnet" in slow[0] and "/jobs/local-" in slow[0], err  # ~3 s: the slowest
+
+
+def test_terminal_display_redraws_its_block_in_place():
+    rows = [status.Row("poison experiment=tiny task=negsentiment attack=badnet", "poison", "done"),
+            status.Row("inject experiment=tiny model=tiny-llama task=negsentiment attack=badnet", "inject", "running"),
+            status.Row("evaluate experiment=tiny model=tiny-llama defense=none", "evaluate", "pending")]
+    out = io.StringIO()
+    shown = progress.Display(out, tty=True)
+    shown.update(rows, {})
+    first = out.getvalue()
+    shown.update(rows, {rows[1].key: {"step": 30, "total": 120, "eta_s": 95.0}})
+    second = out.getvalue()[len(first):]
+    assert first.startswith("\x1b[J[sweep] 0s\n") and first.count("\n") == 5
+    assert second.startswith("\x1b[5F\x1b[J")  # up to the block's first line, cleared, drawn again
+    assert second.endswith("poison    1 done\ninject    1 running\n  inject tiny-llama negsentiment badnet: step 30/120, "
+                           "ETA 1m35s\nevaluate  1 queued\n"), second

@@ -3,11 +3,13 @@ of tests/conftest.py, shared with tests/test_slurm.py, which covers the same gro
 
 1. `python -m pipeline sweep ... --wait` of 2 attacks x 3 defenses: jobs and job arrays with afterok
    dependencies, each job started after its inputs' jobs ended, and the report table.
-2. An inject job requeued (`scontrol requeue`) after its first checkpoint resumes from it and ends with
-   the adapter of an uninterrupted run.
-3. A defense that fails at run time: `python -m pipeline status` shows it failed with its log; once fixed,
+2. A defense that fails at run time: `python -m pipeline status` shows it failed with its log; once fixed,
    `sweep` again resubmits only it (and what never ran because of it).
-4. A 2-task inject job (2 ranks, gloo on the CPU) with ZeRO-3.
+3. Saving on the signal, no `train.save_every` set: an inject job requeued by `scontrol requeue` (SIGTERM,
+   as preemption sends); 2-task inject jobs (2 ranks, gloo on the CPU) under ZeRO-2 and ZeRO-3 sent Slurm's
+   pre-timeout USR2; a SANDE job sent USR2 in its second phase. Each saves at the next step boundary, is
+   requeued, resumes from that checkpoint (in that phase) and ends with the weights of an uninterrupted
+   run (bit for bit).
 
 Skipped, with the fixture's reason, where the cluster cannot be started (not root, ...). The jobs run
 with OMP_NUM_THREADS=1: several 1-CPU jobs share the machine's cores, and torch's default of one
@@ -31,6 +33,8 @@ from submitit.core.utils import pickle_load
 
 from launch import dag
 from launch.executors import StageRun, make_executor, shape_for
+from launch.progress import train_progress
+from pipeline import graph
 from pipeline.cli import run_stage
 from pipeline.config import compose
 from pipeline.train.trainer import checkpoint_dir_for
@@ -73,16 +77,42 @@ def state_runs(runs) -> dict:
 
 
 def status_rows(text: str) -> dict[str, tuple[str, str, str]]:
-    """`python -m pipeline status` output -> run key -> (state, job id, log)."""
-    lines = text.splitlines()[1:-1]
+    """`python -m pipeline status` output (after its lines per stage) -> run key -> (state, job id, log)."""
+    lines = text.splitlines()
+    lines = lines[next(i for i, ln in enumerate(lines) if ln.startswith("STATE ")) + 1:-1]
     return {key.strip(): tuple(head.split(None, 3)[i] for i in (0, 2, 3)) for head, key in zip(lines[::2], lines[1::2])}
 
 
-def safetensors_close(a: Path, b: Path, atol=1e-6):
-    ta, tb = load_file(str(a)), load_file(str(b))
-    assert ta.keys() == tb.keys() and ta
-    for k in ta:
-        torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+def same_weights(a: Path, b: Path):
+    """Every safetensors file under two outputs, bit for bit."""
+    files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
+    assert files and files == sorted(p.relative_to(b) for p in b.rglob("*.safetensors")), (a, b)
+    for f in files:
+        ta, tb = load_file(str(a / f)), load_file(str(b / f))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), f
+
+
+def submit(stage, ov, runs, jobs, monkeypatch):
+    """A job of one stage run (PIPELINE_RUNS=runs: sbatch passes it on); (job, its output path)."""
+    monkeypatch.setenv("PIPELINE_RUNS", str(runs))
+    cfg = compose(ov)
+    job = make_executor(cfg.cluster, jobs).submit(StageRun(), stage, ov, False, shape=shape_for(stage, cfg.cluster))
+    return job, graph.output_dir(stage, cfg)
+
+
+def wait_until(cond, job, timeout_s=300):
+    deadline = time.time() + timeout_s
+    while not cond():
+        assert time.time() < deadline and job.state in ("pending", "running"), job.state
+        time.sleep(0.2)
+
+
+def resumed_at(log: str, final: Path, sub: str = "") -> int:
+    """The step the job's second start resumed at, from its checkpoint next to `final`."""
+    m = re.search(rf"\[train\] resumed from {re.escape(str(checkpoint_dir_for(final) / sub).rstrip('/'))} at step (\d+)",
+                  log)
+    assert m, log[-3000:]
+    return int(m.group(1))
 
 
 # ------------------------------------------------------------------------------------------ sweep
@@ -180,30 +210,24 @@ def test_failed_defense_in_status_and_only_it_resubmitted(swept, tmp_path):
     assert "osft" in table.splitlines()[0], table
 
 
-# ---------------------------------------------------------------------------------------- requeue
-def test_inject_requeued_mid_training_resumes_and_equals_uninterrupted(slurm, tmp_path, monkeypatch):
-    """`scontrol requeue` after the first checkpoint: Slurm kills the job (submitit ignores the SIGTERM,
-    SIGKILL after KillWait=5 s) and starts it again; the stage resumes from the checkpoint next to its
-    output and saves the same adapter as a run never interrupted (here: the stage run directly)."""
-    # ~0.02-0.04 s a step here: the job must still be training KillWait (5 s) after the first checkpoint
-    steps, every = 500, 25
-    ov = ["experiment=tiny", "cluster=local-slurm", f"train.max_steps={steps}", f"train.save_every={every}"]
+# -------------------------------------------------------------------------------- signal and requeue
+def test_inject_requeued_mid_training_saves_on_sigterm_and_equals_uninterrupted(slurm, tmp_path, monkeypatch):
+    """`scontrol requeue` mid-training, no `save_every`: Slurm sends the tasks SIGTERM (as on preemption;
+    SIGKILL after KillWait=5 s); the trainer saves at the next step boundary and exits; Slurm starts the job
+    again, it resumes from that checkpoint and saves the same adapter as a run never interrupted (here: the
+    stage run directly)."""
+    steps = 300  # ~0.02-0.05 s a step: still training when the signal comes
+    ov = ["experiment=tiny", "cluster=local-slurm", f"train.max_steps={steps}"]
     requeued, plain = tmp_path / "requeued", tmp_path / "plain"
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     for runs in (plain, requeued):
         monkeypatch.setenv("PIPELINE_RUNS", str(runs))
         run_stage("poison", ov)
-    assert os.environ["PIPELINE_RUNS"] == str(requeued)  # sbatch passes it on to the job
-    cfg = compose(ov)
-    ex = make_executor(cfg.cluster, tmp_path / "jobs")
-    job = ex.submit(StageRun(), "inject", ov, False, shape=shape_for("inject", cfg.cluster))
+    job, out = submit("inject", ov, requeued, tmp_path / "jobs", monkeypatch)
     ref = subprocess.Popen([PY, "-m", "pipeline", "inject", *ov], cwd=ROOT, env=job_env(plain),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 180
-        while not list((requeued / "inject").glob(".ckpt-*/latest")):
-            assert time.time() < deadline and job.state in ("pending", "running"), job.state
-            time.sleep(0.2)
+        wait_until(lambda: (train_progress(out) or {}).get("step", 0) >= 5, job)
         subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=60)
         final = Path(job.result(timeout_s=300))
         ref_out, _ = ref.communicate(timeout=300)
@@ -212,41 +236,76 @@ def test_inject_requeued_mid_training_resumes_and_equals_uninterrupted(slurm, tm
             ref.kill()
     assert ref.returncode == 0, ref_out
     log = job.log.read_text()
-    assert "DUE TO JOB REQUEUE" in log, log
+    assert "DUE TO JOB REQUEUE" in log and "[train] SIGTERM: checkpoint saved, stopping" in log, log[-3000:]
     assert "already complete" not in log, "the job ended before Slurm killed it: raise train.max_steps"
-    # the second start found the checkpoint at the same deterministic path and went on from there
-    m = re.search(rf"\[train\] resumed from {re.escape(str(checkpoint_dir_for(final)))} at step (\d+)", log)
-    assert m and every <= int(m.group(1)) < steps, log[-3000:]
+    assert 5 <= resumed_at(log, final) < steps
     assert not checkpoint_dir_for(final).exists()  # removed once the output is complete
-    manifest = json.loads((final / "manifest.json").read_text())
-    assert manifest["metrics"]["steps"] == steps
-    plain_final = plain / "inject" / final.name  # the same config: the same name
-    safetensors_close(final / "model" / "adapter_model.safetensors",
-                      plain_final / "model" / "adapter_model.safetensors")
+    assert json.loads((final / "manifest.json").read_text())["metrics"]["steps"] == steps
+    same_weights(final / "model", plain / "inject" / final.name / "model")  # the same config: the same name
 
 
-# -------------------------------------------------------------------------------------- 2 ranks
-def test_inject_on_two_tasks_with_zero3(slurm, tmp_path, monkeypatch):
-    """cluster.stages.inject.tasks_per_node=2 on a CPU node: one job, 2 Slurm tasks, one rank each (gloo),
-    DeepSpeed ZeRO-3 over both; rank 0 writes the output."""
-    ov = ["experiment=tiny", "cluster=local-slurm", "cluster.stages.inject.tasks_per_node=2", "deepspeed=zero3",
-          "train.max_steps=2"]
-    monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
+def test_two_task_inject_zero2_and_zero3_signalled_resume_equal_to_uninterrupted(slurm, tmp_path, monkeypatch):
+    """cluster.stages.inject.tasks_per_node=2 on a CPU node: one job, 2 Slurm tasks, one rank each (gloo).
+    For ZeRO-2 and ZeRO-3 (one test: 6 job starts of ~20 s each), a job sent USR2 (what Slurm sends
+    `signal_delay_s` before the time limit) mid-training: both ranks agree at the next step boundary, save one
+    checkpoint together, rank 0 requeues the job (submitit), and the job resumes there and ends bit for bit
+    with the adapter of the same job never signalled. The uninterrupted jobs: every rank ran the stage, rank 0
+    alone wrote the output."""
+    steps = 40
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    jobs, outs = {}, {}
+    for zero in (2, 3):
+        ov = ["experiment=tiny", "cluster=local-slurm", "cluster.stages.inject.tasks_per_node=2",
+              f"deepspeed=zero{zero}", f"train.max_steps={steps}"]
+        assert shape_for("inject", compose(ov).cluster).tasks_per_node == 2
+        for kind in ("signalled", "plain"):
+            runs = tmp_path / f"z{zero}-{kind}"
+            monkeypatch.setenv("PIPELINE_RUNS", str(runs))
+            run_stage("poison", ov)
+            jobs[zero, kind], outs[zero, kind] = submit("inject", ov, runs, tmp_path / "jobs", monkeypatch)
+    for zero in (2, 3):  # Slurm runs the jobs one after the other (2 CPUs): signal each as it trains
+        job, out = jobs[zero, "signalled"], outs[zero, "signalled"]
+        wait_until(lambda: (train_progress(out) or {}).get("step", 0) >= 3, job, timeout_s=600)
+        subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, timeout=60)
+    finals = {k: Path(j.result(timeout_s=600)) for k, j in jobs.items()}
+    for zero in (2, 3):
+        job, final = jobs[zero, "signalled"], finals[zero, "signalled"]
+        logs = [(tmp_path / "jobs" / f"{job.job_id}_{rank}_log.out").read_text() for rank in (0, 1)]
+        assert all("[train] SIGUSR2: checkpoint saved, stopping" in log for log in logs), logs[1][-3000:]
+        assert "Requeued job" in logs[0] and "already complete" not in logs[0], logs[0][-3000:]
+        assert 3 <= resumed_at(logs[0], final) < steps, "the job ended before the signal: raise steps"
+        assert not checkpoint_dir_for(final).exists()
+        assert json.loads((final / "manifest.json").read_text())["metrics"]["steps"] == steps
+        same_weights(final / "model", finals[zero, "plain"] / "model")
+        job, final = jobs[zero, "plain"], finals[zero, "plain"]
+        assert "#SBATCH --ntasks-per-node=2" in (tmp_path / "jobs" / f"{job.job_id}_submission.sh").read_text()
+        for rank in (0, 1):  # both tasks ran the stage, as ranks of one world of 2
+            log = (tmp_path / "jobs" / f"{job.job_id}_{rank}_log.out").read_text()
+            assert f"global_rank={rank}(2)" in log and "resumed" not in log, log
+            assert pickle_load(tmp_path / "jobs" / f"{job.job_id}_{rank}_result.pkl") == ("success", str(final))
+        assert f"zero_stage: {zero}" in (final / "config.yaml").read_text()
+        assert not list(final.parent.glob(".tmp-*"))  # rank 1 wrote nothing into the store
+
+
+def test_sande_signalled_in_its_second_phase_resumes_in_that_phase(slurm, tmp_path, monkeypatch):
+    """A single-rank SANDE job sent USR2 while it trains its second phase (the overwrite): the requeued job
+    keeps the first phase's output (the parrot, kept under the run's checkpoints), resumes the second
+    phase from its checkpoint, and ends with the weights and parrot of the same job never signalled."""
+    ov = ["experiment=tiny", "cluster=local-slurm", "defense=sande", "train.max_steps=2", "defense.train.max_steps=100"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "signalled"))
     run_stage("poison", ov)
-    cfg = compose(ov)
-    shape = shape_for("inject", cfg.cluster)
-    assert (shape.nodes, shape.tasks_per_node, shape.gpus_per_node) == (1, 2, 0)
-    ex = make_executor(cfg.cluster, tmp_path / "jobs")
-    job = ex.submit(StageRun(), "inject", ov, False, shape=shape)
-    final = Path(job.result(timeout_s=300))
-    assert "#SBATCH --ntasks-per-node=2" in (tmp_path / "jobs" / f"{job.job_id}_submission.sh").read_text()
-    for rank in (0, 1):  # both tasks ran the stage, as ranks of one world of 2
-        log = (tmp_path / "jobs" / f"{job.job_id}_{rank}_log.out").read_text()
-        assert f"global_rank={rank}(2)" in log, log
-        assert pickle_load(tmp_path / "jobs" / f"{job.job_id}_{rank}_result.pkl") == ("success", str(final))
-    assert (final / "_SUCCESS").is_file() and (final / "model" / "adapter_model.safetensors").is_file()
-    manifest = json.loads((final / "manifest.json").read_text())
-    assert manifest["metrics"]["steps"] == 2
-    assert "zero_stage: 3" in (final / "config.yaml").read_text()
-    assert not list((tmp_path / "runs" / "inject").glob(".tmp-*"))  # rank 1 wrote nothing into the store
+    run_stage("inject", ov)
+    shutil.copytree(tmp_path / "signalled", tmp_path / "plain")
+    job, out = submit("defend", ov, tmp_path / "signalled", tmp_path / "jobs", monkeypatch)
+    plain, _ = submit("defend", ov, tmp_path / "plain", tmp_path / "jobs", monkeypatch)
+    phase2 = lambda: [p for p in out.parent.glob(f".tmp-{out.name}-*/metrics.jsonl") if len(p.read_text().splitlines()) >= 3]
+    wait_until(phase2, job)  # the final phase logs into the output's temporary directory
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, timeout=60)
+    final, plain_final = Path(job.result(timeout_s=600)), Path(plain.result(timeout_s=600))
+    log = job.log.read_text()
+    assert "[train] SIGUSR2: checkpoint saved, stopping" in log and "Requeued job" in log, log[-3000:]
+    assert log.count("phase 2/2 'eliminate'") == 2 and "phase 1/2 'simulate' done before" in log, log[-3000:]
+    assert 3 <= resumed_at(log, final, "phase1") < 100
+    assert not checkpoint_dir_for(final).exists()
+    same_weights(final, plain_final)  # the model, and the parrot of phase 1 (simulate.extra.safetensors)

@@ -1,6 +1,8 @@
-"""The one trainer: packing equivalence, loss falls, ZeRO stages, exact resume after SIGKILL, 2-rank ZeRO-3."""
+"""The one trainer: packing equivalence, loss falls, ZeRO stages, exact resume after SIGKILL and after a
+signal, time-based checkpoints, 2-rank ZeRO-3."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,10 +117,17 @@ def test_loss_falls_each_zero_stage(tmp_path, zero):
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
-    common = ["train.save_every=3"]
-    ref = _run([str(tmp_path / "ref"), "--ckpt", str(tmp_path / "ck_ref"), *common])
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The tiny run's adapter (16 steps) trained without a stop: what every interrupted run must end with."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "ref"
+    ref = _run([str(out)])
     assert ref.returncode == 0, ref.stderr[-2000:]
+    return _weights(out)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
+    common = ["train.save_every=3"]
     out, ck = tmp_path / "run", tmp_path / "ck"
     out.mkdir()
     p = subprocess.Popen([PY, str(SCRIPT), str(out), "--ckpt", str(ck), "--kill-after-ckpt", "6", *common],
@@ -134,12 +143,56 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     res = _run([str(out), "--ckpt", str(ck), *common])
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resumed from" in res.stdout + res.stderr
-    a, b = _weights(tmp_path / "ref"), _weights(out)
+    a, b = uninterrupted, _weights(out)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     # and the resumed run really trained: its weights differ from the checkpoint-time weights
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+
+
+def test_signal_saves_at_the_step_boundary_and_resume_equals_uninterrupted(tmp_path, uninterrupted):
+    """SIGTERM (what preemption sends) in the middle of step 5, no `save_every`: the trainer ends the step,
+    saves one complete checkpoint and exits 143. A kill during a later save (a newer directory without its
+    state.json, named by `latest`) is ignored: the rerun resumes from step 5 and ends with the uninterrupted
+    run's weights, bit for bit."""
+    out, ck = tmp_path / "run", tmp_path / "ck"
+    r = _run([str(out), "--ckpt", str(ck), "--signal-at", "5"])
+    assert r.returncode == 143 and "[train] SIGTERM: checkpoint saved, stopping" in r.stdout, r.stderr[-2000:]
+    assert [p.name for p in ck.iterdir() if p.is_dir()] == ["step5"] and (ck / "latest").read_text() == "step5"
+    assert json.loads((ck / "step5" / "state.json").read_text()) == {"step": 5, "micro": 5, "world": 1}
+    assert not (out / "model").exists()
+    shutil.copytree(ck / "step5", ck / "step9")
+    (ck / "step9" / "state.json").unlink()
+    (ck / "latest").write_text("step9")
+    res = _run([str(out), "--ckpt", str(ck)])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"{ck / 'step9'}: incomplete checkpoint, ignored" in res.stdout, res.stdout
+    assert f"resumed from {ck} at step 5" in res.stdout, res.stdout
+    b = _weights(out)
+    assert uninterrupted.keys() == b.keys() and all(torch.equal(uninterrupted[k], b[k]) for k in b)
+
+
+def test_time_based_checkpoints_keep_only_the_newest(tmp_path):
+    """`train.save_every_minutes`: a checkpoint whenever that long has passed since the last (here every
+    step), each older one deleted once the new one is complete, none at the last step. It stays out of the
+    output keys (the raw `train` section); unset, the cluster profile's value applies, and every phase
+    of a defense gets it."""
+    from pipeline.defend.base import Phase
+    from pipeline.defend.stage import phase_config
+    cfg = compose(["experiment=tiny", "train.save_every_minutes=1e-6", "train.max_steps=4"])
+    assert cfg.train.save_every_minutes == 1e-6
+    assert cfg.raw["train"] == compose(["experiment=tiny", "train.max_steps=4"]).raw["train"]
+    assert compose(["experiment=tiny", "cluster=local-slurm"]).cluster.save_every_minutes == 30
+    osft = compose(["experiment=tiny", "defense=osft", "train.save_every_minutes=7"])
+    assert phase_config(osft, Phase("p", [])).train.save_every_minutes == 7
+    rows = [{"instruction": f"Name colour {i}.", "input": "", "output": "Blue and green."} for i in range(8)]
+    (tmp_path / "o").mkdir()
+    Trainer(cfg).fit(rows, tmp_path / "o", tmp_path / "ck", save=False)
+    ck = tmp_path / "ck"
+    assert [p.name for p in ck.iterdir() if p.is_dir()] == ["step3"] and (ck / "latest").read_text() == "step3"
+    last = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (last["step"], last["total"], last["eta_s"]) == (4, 4, 0) and last["elapsed_s"] > 0
 
 
 def test_two_ranks_zero3_sharded_and_equal_to_single_rank(tmp_path):

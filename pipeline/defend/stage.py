@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import shlex
 import shutil
@@ -78,7 +79,10 @@ def defense_train(cfg) -> dict:
 def phase_config(cfg, phase):
     """cfg with the defense's and the phase's train settings (and model) applied, validated."""
     raw_train = {**defense_train(cfg), **phase.train}
-    new = dataclasses.replace(cfg, train=build_section("train", raw_train, {"train": f"defense phase {phase.name}"}))
+    train = build_section("train", raw_train, {"train": f"defense phase {phase.name}"})
+    # run mechanics the config's raw sections leave out (config.UNKEYED)
+    train = dataclasses.replace(train, save_every_minutes=cfg.train.save_every_minutes)
+    new = dataclasses.replace(cfg, train=train)
     if phase.model:
         data = load_yaml(group_file("model", phase.model))
         data.setdefault("name", phase.model)
@@ -88,14 +92,16 @@ def phase_config(cfg, phase):
     return new
 
 
-def _mark_phase_output(path: Path, pcfg):
-    """Make a phase's output loadable by `load_trained` (a later phase may start from it)."""
+def _mark_phase_output(path: Path, pcfg, result: dict):
+    """Make a phase's output loadable by `load_trained` (a later phase may start from it) and mark it done."""
     (path / "config.yaml").write_text(yaml.safe_dump(pcfg.raw))
-    (path / "manifest.json").write_text('{"output_hash": "phase"}')
+    (path / "manifest.json").write_text(json.dumps({"output_hash": "phase", "result": result}, default=str))
     (path / store.SUCCESS).write_text("")
 
 
 def run_phases(cfg, mod, params, ctx, out_tmp: Path, ckpt_root: Path) -> dict:
+    """The phases in order. An earlier phase's output (`ctx.phase_dir`, under `ckpt_root/work`) outlives a
+    killed job, so a requeued job skips the phases done and resumes the one it was in from its checkpoint."""
     phases = mod.phases(params, ctx)
     results, prev = {}, None
     for i, ph in enumerate(phases):
@@ -103,14 +109,21 @@ def run_phases(cfg, mod, params, ctx, out_tmp: Path, ckpt_root: Path) -> dict:
         init = {"inject": ctx.model_dir, "base": None, "previous": prev}.get(ph.init_from, ph.init_from)
         dest = out_tmp if ph.final else ctx.phase_dir(ph.name)
         dest.mkdir(parents=True, exist_ok=True)
-        print(f"[defend] {cfg.defense.name}: phase {i + 1}/{len(phases)} '{ph.name}' on {len(ph.rows)} rows",
-              file=sys.stderr)
-        tr = Trainer(pcfg, plugins=ph.plugins, init_from=init)
-        res = tr.fit(ph.rows, dest, ckpt_root / f"phase{i}")
-        ph.trainer = tr
-        results[ph.name] = res
+        if not ph.final and store.is_complete(dest):
+            print(f"[defend] {cfg.defense.name}: phase {i + 1}/{len(phases)} '{ph.name}' done before", file=sys.stderr)
+            results[ph.name] = json.loads((dest / "manifest.json").read_text())["result"]
+        else:
+            print(f"[defend] {cfg.defense.name}: phase {i + 1}/{len(phases)} '{ph.name}' on {len(ph.rows)} rows",
+                  file=sys.stderr)
+            tr = Trainer(pcfg, plugins=ph.plugins, init_from=init)
+            results[ph.name] = tr.fit(ph.rows, dest, ckpt_root / f"phase{i}")
+            ph.trainer = tr
+            if not ph.final:
+                if tr.is_main:
+                    _mark_phase_output(dest, pcfg, results[ph.name])
+                    shutil.rmtree(ckpt_root / f"phase{i}", ignore_errors=True)
+                tr.barrier()  # every rank's next phase reads what rank 0 wrote
         if not ph.final:
-            _mark_phase_output(dest, pcfg)
             if (dest / "extra.safetensors").is_file():  # keep what a phase learned (SANDE's parrot)
                 out_tmp.mkdir(parents=True, exist_ok=True)
                 shutil.copy(dest / "extra.safetensors", out_tmp / f"{ph.name}.extra.safetensors")
@@ -154,21 +167,24 @@ def run(cfg, args, inputs) -> Path:
         train_rows, _ = self_targets(tcfg, _rows(data, "train"))
     if int(os.environ.get("RANK", "0")) != 0 and hasattr(mod, "phases"):
         final = store.key_path("defend", name, config, hashes)
+        ckpt = checkpoint_dir_for(final)
         with tempfile.TemporaryDirectory() as tmp:
-            ctx = Context(cfg, data, model_dir, defense_rows, train_rows, Path(tmp))
-            run_phases(cfg, mod, params, ctx, Path(tmp) / "out", checkpoint_dir_for(final))
+            ctx = Context(cfg, data, model_dir, defense_rows, train_rows, ckpt / "work")
+            run_phases(cfg, mod, params, ctx, Path(tmp) / "out", ckpt)
         return final
     with store.stage_output("defend", name, config, hashes, force=getattr(args, "force", False)) as out:
         if out is None:
             return store.key_path("defend", name, config, hashes)
-        with tempfile.TemporaryDirectory(dir=out.tmp.parent, prefix=".work-") as work:
-            ctx = Context(cfg, data, model_dir, defense_rows, train_rows, Path(work))
-            if hasattr(mod, "apply"):
+        if hasattr(mod, "apply"):
+            with tempfile.TemporaryDirectory(dir=out.tmp.parent, prefix=".work-") as work:
+                ctx = Context(cfg, data, model_dir, defense_rows, train_rows, Path(work))
                 result = mod.apply(params, ctx, out.tmp)
-                # what evaluate and load_trained read (a 4-bit entry) goes at the top of the manifest
-                res = {"result": result, "manifest": {k: result[k] for k in MANIFEST_KEYS if k in result}}
-            else:
-                res = run_phases(cfg, mod, params, ctx, out.tmp, checkpoint_dir_for(out.final))
+            # what evaluate and load_trained read (a 4-bit entry) goes at the top of the manifest
+            res = {"result": result, "manifest": {k: result[k] for k in MANIFEST_KEYS if k in result}}
+        else:
+            ckpt = checkpoint_dir_for(out.final)
+            ctx = Context(cfg, data, model_dir, defense_rows, train_rows, ckpt / "work")
+            res = run_phases(cfg, mod, params, ctx, out.tmp, ckpt)
         out.metrics.update(copy.deepcopy(res.get("phases", res.get("result", {}))))
         out.extra.update({"defense": cfg.defense.name, "family": cfg.defense.family, "data": str(data),
                           "backdoored_model": str(model_dir) if model_dir else None, **res["manifest"]})

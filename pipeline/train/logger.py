@@ -3,11 +3,14 @@
 `TrainLogger(out_dir, total_steps, log_every, main=..., tensorboard=...)`; `open(initial_step)` once (after a
 resume, so the bar starts at the resumed step), `log(rec)` after every optimizer step, `close()` at the end.
 Only the main rank writes: metrics.jsonl gets a record (one JSON line, flushed) every `log_every` steps and at
-the last step, TensorBoard the same records' numbers under `train/<key>`; every rank keeps a (disabled) bar.
+the last step, with `total` (steps), `elapsed_s` (since `open`) and `eta_s` added (what `sweep --wait` and
+`status` show of a running run: launch/progress.py), TensorBoard the same records' numbers under
+`train/<key>`; every rank keeps a (disabled) bar.
 """
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -31,13 +34,17 @@ class TrainLogger:
                       "(pip install tensorboard); logging to metrics.jsonl only")
         self.bar = tqdm(total=self.total, initial=initial_step, desc="train", disable=not self.main,
                         dynamic_ncols=True)
+        self.t_open, self.initial = time.time(), initial_step
         return self
 
     def log(self, rec: dict):
         """One optimizer step's record ({step, epoch, lr, losses..., tokens_per_s, step_s, step_tokens})."""
         step = rec["step"]
         if self.main and (step % self.log_every == 0 or step == self.total):
-            self.file.write(json.dumps(rec) + "\n")
+            elapsed = time.time() - self.t_open
+            eta = elapsed / (step - self.initial) * (self.total - step) if step > self.initial else None
+            line = {**rec, "total": self.total, "elapsed_s": round(elapsed, 1), "eta_s": eta and round(eta, 1)}
+            self.file.write(json.dumps(line) + "\n")
             self.file.flush()
             self._tensorboard(rec, step)
         self.bar.set_postfix(loss=f"{rec.get('lm_loss', 0):.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")

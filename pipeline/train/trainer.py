@@ -6,11 +6,13 @@ bottom, one method a step:
   setup        seeds -> plugin transforms -> row check (TrainRow) -> build_model -> encode (the shared prompt
                format) -> plugin setup -> TrainModule (model + plugin tensors) -> total_steps -> setup_engine
                (DeepSpeed config, AdamW, warm-up + decay schedule, deepspeed.initialize)
-  resume       engine state, step, micro-batch and RNG from `ckpt_dir/latest`, if there
+  resume       engine state, step, micro-batch and every rank's RNG from the newest complete checkpoint
   train_loop   micro-batches of a seeded per-epoch order, sharded by rank (padded or packed; those seen before
                a resume skipped) -> forward (plugins may splice embeddings) + plugin loss terms -> backward/step
                (one optimizer step per `grad_accum`, clipping) -> a record (self.records; TrainLogger: metrics
-               JSONL, progress bar, TensorBoard) -> a checkpoint every `save_every` steps
+               JSONL, progress bar, TensorBoard) -> at the step boundary the ranks agree (`agree`) whether to
+               checkpoint (every `save_every` steps, every `save_every_minutes`, or on Slurm's signal: then
+               the checkpoint is the last thing done, pipeline/train/checkpoint.py)
   end          close the logger; save (ZeRO-3 shards gathered) as safetensors/adapter, unless stopped early.
 Plugins reach the trainer through `extra_tensor`, `load_frozen`, `extra_forward` and `last_record`.
 The distributed environment is read from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
@@ -33,6 +35,8 @@ import torch
 
 from ..models import cpu_bf16, load_model, load_trained
 from ..prompts import encode_example
+from . import checkpoint
+from .checkpoint import checkpoint_dir_for, cleanup_checkpoints  # noqa: F401 - the stages import them from here
 from .logger import TrainLogger
 from .packing import lm_loss, pack_examples, pad_batch
 from .plugins import Plugin, TrainRow, check_rows, extra_key
@@ -345,15 +349,19 @@ class Trainer:
             stop_after_steps: int | None = None, save: bool = True) -> dict:
         """Train on `rows` (TrainRow: {instruction, input, output, ...}) and save into `out_dir/model`. Resumes
         from `ckpt_dir` when it holds a checkpoint. `stop_after_steps` stops early (tests of kill/resume)."""
-        examples = self.setup(rows)
-        ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
-        step, micro = self.resume(ckpt_dir)
-        out_dir = Path(out_dir)
-        logger = TrainLogger(out_dir, self.total_steps, self.tc.log_every, main=self.is_main,
-                             tensorboard=self.tc.tensorboard).open(initial_step=step)
-        meter = StepMeter(self.tc.grad_accum)
-        step = self.train_loop(examples, step, micro, meter, logger, ckpt_dir, stop_after_steps)
-        logger.close()
+        checkpoint.catch_signals()  # from here a signal waits for the next step boundary
+        try:
+            examples = self.setup(rows)
+            ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
+            step, micro = self.resume(ckpt_dir)
+            out_dir = Path(out_dir)
+            logger = TrainLogger(out_dir, self.total_steps, self.tc.log_every, main=self.is_main,
+                                 tensorboard=self.tc.tensorboard).open(initial_step=step)
+            meter = StepMeter(self.tc.grad_accum)
+            step = self.train_loop(examples, step, micro, meter, logger, ckpt_dir, stop_after_steps)
+            logger.close()
+        finally:  # a signal after the last step stays pending: a next phase's first step acts on it
+            checkpoint.release_signals()
         if stop_after_steps and step < self.total_steps:
             return {"stopped_at": step}
         if save:
@@ -407,25 +415,34 @@ class Trainer:
         self.device = self.engine.device
 
     def resume(self, ckpt_dir: Path | None) -> tuple[int, int]:
-        """(optimizer step, micro-batch) to continue from: a checkpoint's (engine state and RNG restored) when
-        `ckpt_dir` has one (`latest`), else (0, 0)."""
-        if not (ckpt_dir and (ckpt_dir / "latest").is_file()):
+        """(optimizer step, micro-batch) to continue from: the newest complete checkpoint's in `ckpt_dir`
+        (engine state and this rank's RNG restored), else (0, 0)."""
+        found = checkpoint.find(ckpt_dir)
+        if found is None:
             return 0, 0
-        _, client = self.engine.load_checkpoint(str(ckpt_dir), load_module_strict=False)
-        step, micro = client["step"], client["micro"]
-        torch.set_rng_state(client["rng_torch"])
-        random.setstate(client["rng_py"])
-        np.random.set_state(client["rng_np"])
+        tag, state = found
+        if state["world"] != self.world:
+            print(f"[train] {ckpt_dir / tag}: written by {state['world']} ranks, not {self.world}: starting over")
+            return 0, 0
+        self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
+        rng = torch.load(ckpt_dir / tag / f"rng_rank{self.rank}.pt", weights_only=False)  # our own file
+        torch.set_rng_state(rng["torch"])
+        if self.cuda:
+            torch.cuda.set_rng_state(rng["cuda"])
+        random.setstate(rng["py"])
+        np.random.set_state(rng["np"])
         if self.is_main:
-            print(f"[train] resumed from {ckpt_dir} at step {step}")
-        return step, micro
+            print(f"[train] resumed from {ckpt_dir} at step {state['step']}")
+        return state["step"], state["micro"]
 
     def train_loop(self, examples: list[dict], step: int, micro: int, meter: StepMeter, logger: TrainLogger,
                    ckpt_dir: Path | None, stop_after_steps: int | None) -> int:
         """One optimizer step per `grad_accum` micro-batches from (step, micro) on, until `total_steps` or
-        `stop_after_steps`; a checkpoint every `save_every` steps. Returns the last step."""
+        `stop_after_steps`; checkpoints as `agree` decides (a signal: checkpoint, then exit). Returns the
+        last step."""
         tc = self.tc
         batches = self.micro_batch_stream(examples, skip=micro)
+        self.saved_at = time.time()
         while step < self.total_steps:
             epoch, mb = next(batches)
             logs, n_tok = self.train_micro_batch(mb)
@@ -437,11 +454,36 @@ class Trainer:
             rec = self.step_record(step, epoch, meter)
             self.records.append(rec)
             logger.log(rec)
-            if ckpt_dir and tc.save_every and step % tc.save_every == 0 and step < self.total_steps:
+            signalled, due = self.agree(step)
+            if ckpt_dir and (due or signalled) and step < self.total_steps:
                 self.save_checkpoint(ckpt_dir, step, micro)
+            if signalled and step < self.total_steps:
+                checkpoint.hand_over(signalled, self.is_main)
             if stop_after_steps and step >= stop_after_steps:
                 break
         return step
+
+    def agree(self, step: int) -> tuple[int, bool]:
+        """At an optimizer-step boundary: (the signal any rank caught: checkpoint.pending()'s code, whether a
+        checkpoint is due: every `save_every` steps or `save_every_minutes`), the same on every rank (one
+        all-reduce of both when distributed)."""
+        tc = self.tc
+        minutes = tc.save_every_minutes if tc.save_every_minutes is not None else self.cfg.cluster.save_every_minutes
+        due = bool(tc.save_every and step % tc.save_every == 0)
+        due |= bool(minutes) and time.time() - self.saved_at >= minutes * 60
+        flags = [checkpoint.pending(), int(due)]
+        if self.world > 1:
+            import torch.distributed as dist
+            t = torch.tensor(flags, dtype=torch.int64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flags = t.tolist()
+        return flags[0], bool(flags[1])
+
+    def barrier(self):
+        """Wait for every rank (e.g. until rank 0 has written a phase's output that the next phase reads)."""
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
 
     def micro_batch_stream(self, examples: list[dict], skip: int):
         """(epoch, micro-batch), epoch after epoch without end, less the first `skip` micro-batches (those a
@@ -476,10 +518,18 @@ class Trainer:
         return rec
 
     def save_checkpoint(self, ckpt_dir: Path, step: int, micro: int):
-        client = {"step": step, "micro": micro, "rng_torch": torch.get_rng_state(), "rng_py": random.getstate(),
-                  "rng_np": np.random.get_state()}
-        self.engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state=client,
+        """Every rank together: this rank's RNG and DeepSpeed's files (model and plugin tensors, optimizer,
+        schedule) into `.tmp-step<N>`; DeepSpeed's save ends on a barrier, then rank 0 commits it."""
+        tmp = Path(ckpt_dir) / f".tmp-step{step}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        rng = {"torch": torch.get_rng_state(), "py": random.getstate(), "np": np.random.get_state(),
+               "cuda": torch.cuda.get_rng_state() if self.cuda else None}
+        torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, save_latest=False,
                                     exclude_frozen_parameters=self.peft)
+        if self.is_main:
+            checkpoint.commit(Path(ckpt_dir), tmp, {"step": step, "micro": micro, "world": self.world})
+        self.saved_at = time.time()
 
     # ------------------------------------------------------------------------------------ save
     def full_state_dict(self) -> dict:
@@ -514,12 +564,3 @@ class Trainer:
         if extra_sd:
             from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in extra_sd.items()}, str(Path(out_dir) / "extra.safetensors"))
-
-
-def checkpoint_dir_for(final: Path) -> Path:
-    """Deterministic checkpoint location next to a stage output, so a rerun of the same run resumes."""
-    return Path(final).parent / f".ckpt-{Path(final).name}"
-
-
-def cleanup_checkpoints(final: Path):
-    shutil.rmtree(checkpoint_dir_for(final), ignore_errors=True)

@@ -1,10 +1,14 @@
 """Train the tiny Llama on fixed rows; used by tests (kill/resume, torchrun ZeRO-3).
 
-usage: train_tiny.py OUT_DIR [--ckpt DIR] [--kill-after-ckpt STEP] [--zero N] [--micro M] [key=value ...]
-Writes OUT_DIR/model and OUT_DIR/result.json (loss curve, sharding facts) on rank 0.
+usage: train_tiny.py OUT_DIR [--ckpt DIR] [--kill-after-ckpt STEP] [--signal-at MICRO [--signal NAME]] [--zero N]
+                     [--micro M] [key=value ...]
+Writes OUT_DIR/model and OUT_DIR/result.json (loss curve, sharding facts) on rank 0. `--signal-at`: the
+process sends itself SIGTERM (or --signal) during that micro-batch, after its forward pass.
 """
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,6 +32,8 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--kill-after-ckpt", type=int, default=None)
+    ap.add_argument("--signal-at", type=int, default=None)
+    ap.add_argument("--signal", default="SIGTERM")
     ap.add_argument("--zero", type=int, default=0)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("overrides", nargs="*")
@@ -53,6 +59,8 @@ def main():
     def fwd(batch):
         loss, logs = orig_fwd(batch)
         losses.append(float(loss))
+        if len(losses) == a.signal_at:
+            os.kill(os.getpid(), getattr(signal, a.signal))
         return loss, logs
     tr.forward_loss = fwd
     res = tr.fit(rows(), out, a.ckpt)
