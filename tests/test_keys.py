@@ -9,6 +9,7 @@ the next stage finds its inputs exactly as it would after real runs. The poison 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -46,6 +47,11 @@ def _stand_in(stage: str, path: Path, cfg):
         if cfg.defense.family == "training_time":
             manifest["inference_transform"] = {"prefix": "The query currently entered is: ", "template": None,
                                                "label_map": {}}
+        if cfg.defense.family == "decoding":  # what a decoding-time defense's defend stage records
+            inj = graph.output_dir("inject", cfg)
+            manifest["decoding"] = {"method": cfg.defense.method or cfg.defense.name, "params": dict(cfg.defense.params),
+                                    "suspect": str(inj), "suspect_hash": store.read_manifest(inj)["output_hash"],
+                                    "reference_model": dataclasses.asdict(cfg.model)}
     (path / "manifest.json").write_text(json.dumps(manifest))
     if stage in ("inject", "defend"):
         (path / "model").mkdir()
