@@ -277,6 +277,15 @@ def _label(row) -> str:
     return f"{rung}{row['model']}\n{row['task']}/{row['attack']}{proto}"
 
 
+def _save(fig, ax, title: str, path: Path):
+    """Every plot's ending: its title, a tight layout, the PNG, the figure closed."""
+    import matplotlib.pyplot as plt
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_bars(rows, defenses, path: Path):
     """Grouped bars: ASR per (model, task, attack), one bar per defense, Wilson 95% intervals."""
     import matplotlib
@@ -301,10 +310,7 @@ def plot_bars(rows, defenses, path: Path):
     ax.set_ylabel("ASR (%)")
     ax.set_ylim(0, 118)
     ax.legend(fontsize=7, ncol=min(5, len(defenses)), loc="upper center")
-    ax.set_title("Attack success before and after each defense")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, "Attack success before and after each defense", path)
 
 
 def plot_tradeoff(rows, defenses, path: Path):
@@ -333,10 +339,7 @@ def plot_tradeoff(rows, defenses, path: Path):
     ax.set_ylabel("ASR (%)")
     ax.set_ylim(-3, 103)
     ax.legend(fontsize=7)
-    ax.set_title("Backdoor removal vs clean performance")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, "Backdoor removal vs clean performance", path)
 
 
 def frontier_points(rows, defenses, x_def: str) -> dict[str, list[tuple]]:
@@ -404,10 +407,7 @@ def plot_frontier(rows, defenses, x_def: str, path: Path):
     ax.set_xlim(-3, 103)
     ax.set_ylim(-3, 103)
     ax.legend(fontsize=7)
-    ax.set_title("Which backdoors each defense removes")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, "Which backdoors each defense removes", path)
 
 
 def _key(cfg, args):
