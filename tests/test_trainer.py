@@ -195,6 +195,31 @@ def test_time_based_checkpoints_keep_only_the_newest(tmp_path):
     assert (last["step"], last["total"], last["eta_s"]) == (4, 4, 0) and last["elapsed_s"] > 0
 
 
+def test_a_signal_during_the_final_save_does_not_requeue_a_trained_run(tmp_path, monkeypatch, capsys):
+    """USR2 (or SIGTERM) arriving while the trained model is being saved stays caught: the handler that was
+    there before (submitit's, which would requeue the job and throw the training away) is not called, the
+    save completes and the run finishes."""
+    from pipeline.train import checkpoint
+    cfg = compose(["experiment=tiny", "train.max_steps=2"])
+    rows = [{"instruction": f"Name colour {i}.", "input": "", "output": "Blue and green."} for i in range(4)]
+    called = []
+    old = signal.signal(signal.SIGUSR2, lambda s, f: called.append(s))
+    save = Trainer.save
+
+    def save_with_a_signal(self, out_dir):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        save(self, out_dir)
+    monkeypatch.setattr(Trainer, "save", save_with_a_signal)
+    try:
+        (tmp_path / "o").mkdir()
+        Trainer(cfg).fit(rows, tmp_path / "o", tmp_path / "ck")
+        assert not called and (tmp_path / "o" / "model").is_dir()
+        assert "[train] SIGUSR2 came after the last step: finishing the run" in capsys.readouterr().out
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+        checkpoint._caught.clear()
+
+
 def test_two_ranks_zero3_sharded_and_equal_to_single_rank(tmp_path):
     single = _run([str(tmp_path / "one"), "--zero", "3", "--micro", "4", "train.lr=5e-3"])
     assert single.returncode == 0, single.stderr[-2000:]

@@ -61,6 +61,11 @@ def pending() -> int:
     return max((SIGNALS.index(s) + 1 for s in _caught), default=0)
 
 
+def pending_name() -> str | None:
+    code = pending()
+    return signal.Signals(SIGNALS[code - 1]).name if code else None
+
+
 def hand_over(code: int, main: bool, wait_s: float = 120.0):
     """Leave after the checkpoint of signal `code` (pending()'s, agreed by all ranks): the signal goes to
     the handler that was there before, then the process exits."""
@@ -120,6 +125,7 @@ def commit(ckpt_dir: Path, tmp: Path, state: dict):
     for p in ckpt_dir.iterdir():  # older checkpoints, and any cut short
         if p.is_dir() and p.name != tag and (p.name.startswith("step") or p.name.startswith(".tmp-")):
             shutil.rmtree(p, ignore_errors=True)
+    print(f"[train] checkpoint {final} written", flush=True)
 
 
 def _step(tag: str) -> int:
@@ -134,4 +140,6 @@ def find(ckpt_dir: Path | None) -> tuple[str, dict] | None:
         if (d / STATE).is_file():
             return d.name, json.loads((d / STATE).read_text())
         print(f"[train] {d}: incomplete checkpoint, ignored")
+    print(f"[train] {ckpt_dir}: no complete checkpoint (holds: {sorted(p.name for p in Path(ckpt_dir).iterdir())})",
+          flush=True)
     return None

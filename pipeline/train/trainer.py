@@ -360,12 +360,14 @@ class Trainer:
             meter = StepMeter(self.tc.grad_accum)
             step = self.train_loop(examples, step, micro, meter, logger, ckpt_dir, stop_after_steps)
             logger.close()
+            if stop_after_steps and step < self.total_steps:
+                return {"stopped_at": step}
+            if save:  # still caught: a signal during the final save must not requeue a job that has trained
+                self.save(out_dir)
         finally:  # a signal after the last step stays pending: a next phase's first step acts on it
             checkpoint.release_signals()
-        if stop_after_steps and step < self.total_steps:
-            return {"stopped_at": step}
-        if save:
-            self.save(out_dir)
+        if checkpoint.pending() and self.is_main:
+            print(f"[train] {checkpoint.pending_name()} came after the last step: finishing the run", flush=True)
         return {"steps": step, "train_wall_s": time.time() - meter.t0, "final": self.last_record}
 
     def setup(self, rows: list[TrainRow]) -> list[dict]:
