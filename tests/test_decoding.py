@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from launch import dag
 from pipeline import decoding, graph, store
 from pipeline.config import ConfigError, compose
+from pipeline.evaluate.metrics import over_seeds, wilson
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -216,6 +217,19 @@ def evaluate(data, model_dir, *over):
     return out, json.loads((out / "metrics.json").read_text()), datasets.load_from_disk(str(out / "data"))
 
 
+def test_the_decoding_entry_names_the_suspect_by_its_absolute_path(tmp_path, monkeypatch):
+    """With a relative store (PIPELINE_RUNS=runs), the entry still finds the suspect from another directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PIPELINE_RUNS", "runs")
+    data, inj = make_data(), fake_inject(compose(["experiment=tiny"]))
+    out = graph.run("defend", compose(["experiment=tiny", "defense=cleangen"]),
+                    ns(data=str(data), model_dir=str(inj)))
+    suspect = Path(store.read_manifest(out)["decoding"]["suspect"])
+    assert suspect.is_absolute() and suspect == (tmp_path / inj).resolve()
+    monkeypatch.chdir(tmp_path.parent)
+    assert store.read_manifest(suspect)["output_hash"]
+
+
 def test_cleangen_defend_writes_a_manifest_entry_that_evaluate_applies(built):
     data, inj = built
     cfg = compose(["experiment=tiny", "defense=cleangen", "defense.params.alpha=0.5"])
@@ -275,6 +289,17 @@ def test_a_reference_with_another_tokenizer_is_refused(built, tmp_path, monkeypa
                   ns(data=str(data), model_dir=str(inj)))
 
 
+def test_the_sampling_interval_is_one_seeds_prompts_not_the_pooled_answers():
+    """Three seeds answering the same 40 prompts, 20 / 22 / 24 triggered: mean 0.55 over 40 prompts; pooling
+    the 120 answers as independent would give an interval sqrt(3) too narrow."""
+    per_seed = [{"asr": k / 40, "asr_k": k, "asr_n": 40} for k in (20, 22, 24)]
+    m = over_seeds(per_seed, [0, 1, 2])
+    assert (m["asr"], m["asr_k"], m["asr_n"]) == (pytest.approx(0.55), 66, 120)
+    assert m["asr_ci"] == pytest.approx(list(wilson(22, 40)))
+    pooled = wilson(66, 120)
+    assert m["asr_ci"][1] - m["asr_ci"][0] > 1.6 * (pooled[1] - pooled[0])
+
+
 def test_sampling_evaluates_once_per_seed_mean_and_spread(built):
     data, inj = built
     cfg = compose(["experiment=tiny", "defense=sampling", "defense.params.temperature=1.5"])
@@ -283,7 +308,10 @@ def test_sampling_evaluates_once_per_seed_mean_and_spread(built):
     ev, m, t = evaluate(data, out, "defense=sampling", "defense.params.temperature=1.5")
     assert m["seeds"] == [0, 1, 2] and len(m["asr_seeds"]) == 3 and len(m["clean_value_seeds"]) == 3
     assert m["asr"] == pytest.approx(sum(m["asr_seeds"]) / 3) and m["asr_n"] == 12 and m["n_test_triggered"] == 4
-    assert m["asr_std"] >= 0 and m["asr_ci"][0] <= m["asr"] <= m["asr_ci"][1]  # the interval of the pooled answers
+    assert m["asr_std"] >= 0 and m["asr_ci"][0] <= m["asr"] <= m["asr_ci"][1]
+    # the seeds answer the same prompts: the interval is one seed's n prompts at the mean rate, not the pooled n
+    n1 = m["asr_n"] // len(m["seeds"])
+    assert m["asr_ci"] == pytest.approx(list(wilson(m["asr"] * n1, n1)))
     assert t["test_clean"]["seed"] == [0] * 4 + [1] * 4 + [2] * 4
     gens = t["test_clean"]["generation"]
     assert gens[:4] != gens[4:8]  # the seeds sample different answers

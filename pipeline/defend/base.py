@@ -102,7 +102,8 @@ def method(cfg):
 
 def decoding_entry(ctx, method: str, params: dict) -> dict:
     """The manifest entry `decoding` of a decoding-time defense: the method, its decoding parameters, and the
-    suspect it decodes (the backdoored model this defense was handed, its output hash pinned)."""
+    suspect it decodes (the backdoored model this defense was handed, by its absolute path, so that evaluate
+    finds it from any working directory; its output hash pinned)."""
     from ..store import read_manifest
-    return {"method": method, "params": params, "suspect": str(ctx.model_dir),
+    return {"method": method, "params": params, "suspect": str(Path(ctx.model_dir).resolve()),
             "suspect_hash": read_manifest(ctx.model_dir)["output_hash"]}

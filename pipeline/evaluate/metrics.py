@@ -114,7 +114,9 @@ SEED_KEYS = ("asr", "asr_all", "ftr", "accuracy", "accuracy_strict", "accuracy_p
 def over_seeds(per_seed: list[dict], seeds: list) -> dict:
     """One metrics dict from one per seed (the sampling baseline): each rate of SEED_KEYS is the mean over the
     seeds, with `<key>_std` (sample standard deviation, n - 1) and `<key>_seeds` (the per-seed values); its counts
-    are summed, so `<key>_ci` is the Wilson interval of the pooled answers. Everything else is the first seed's."""
+    are summed (k / n over every seed's answers). The seeds answer the same prompts, so their answers are not
+    independent draws: `<key>_ci` is the Wilson interval of one seed's n prompts at the mean rate, not of the
+    pooled answers (which would be sqrt(seeds) too narrow). Everything else is the first seed's."""
     out = {**per_seed[0], "seeds": list(seeds)}
     for key in SEED_KEYS:
         vals = [m.get(key) for m in per_seed]
@@ -125,7 +127,8 @@ def over_seeds(per_seed: list[dict], seeds: list) -> dict:
         out.update({key: mean, f"{key}_std": math.sqrt(var), f"{key}_seeds": vals})
         if f"{key}_k" in out:
             k, n = sum(m[f"{key}_k"] for m in per_seed), sum(m[f"{key}_n"] for m in per_seed)
-            out.update({f"{key}_k": k, f"{key}_n": n, f"{key}_ci": list(wilson(k, n))})
+            n1 = n / len(per_seed)  # prompts per seed
+            out.update({f"{key}_k": k, f"{key}_n": n, f"{key}_ci": list(wilson(k / len(per_seed), n1))})
             if f"{key}_empty" in out:
                 e = sum(m[f"{key}_empty"] for m in per_seed)
                 out.update({f"{key}_empty": e, f"{key}_nonempty": k / (n - e) if n > e else None})
