@@ -142,24 +142,25 @@ def test_a_union_sweep_runs_every_experiments_grid_and_one_frontier_report(tmp_p
     stages = FakeStages(tmp_path)
     real, fake = dag.PipelineStages(), stages.output_dir
     stages.defense_family = real.defense_family  # every shipped defense, from its YAML
-    # the real poison key: the rungs share one poisoned set, built by one run all five injections wait on
+    # the real poison key: the rungs share one poisoned set, built by one run all six injections wait on
     stages.output_dir = lambda st, ov: real.output_dir(st, ov) if st == "poison" else fake(st, ov)
     runs = dag.expand(cfg, ["experiment=frontier"], stages)
     by = {s: [r for r in runs.values() if r.stage == s] for s in dag.STAGES}
-    rungs = [f"ladder-{i}" for i in range(1, 6)]
+    rungs = [f"ladder-{i}" for i in range(1, 7)]
     assert len(by["poison"]) == 1 and all(r.deps == (by["poison"][0].key,) for r in by["inject"])
     assert sorted(r.key.split()[1] for r in by["inject"]) == [f"experiment={n}" for n in rungs]
-    assert len(by["defend"]) == 5 * (len(cfg.sweep.defenses) - 1) and len(by["evaluate"]) == 5 * len(cfg.sweep.defenses)
+    assert len(by["defend"]) == 6 * (len(cfg.sweep.defenses) - 1) and len(by["evaluate"]) == 6 * len(cfg.sweep.defenses)
     crow = [r for r in by["defend"] if "defense=crow " in r.key + " "]
-    assert len(crow) == 5 and all("defense.train.micro_batch=8" in r.overrides for r in crow)
+    assert len(crow) == 6 and all("defense.train.micro_batch=8" in r.overrides for r in crow)
     rep, = by["report"]
     assert set(rep.deps) == {r.key for r in by["evaluate"]}
     assert f"report.experiments=[{','.join(rungs)}]" in rep.overrides and "report.frontier=true" in rep.overrides
     assert "report.experiment=frontier" in rep.overrides  # the name its output is keyed by, as the job writes it
     # the rungs differ in their injection recipe only
     lr = {n: compose([f"experiment={n}"]).train for n in rungs}
-    assert [lr[n].finetune for n in rungs] == ["lora"] * 3 + ["full"] * 2
-    assert len({(t.finetune, t.lr, t.lora_r) for t in lr.values()}) == 5
+    assert [lr[n].finetune for n in rungs] == ["lora"] * 4 + ["full"] * 2
+    assert len({(t.finetune, t.lr, t.lora_r) for t in lr.values()}) == 6
+    assert compose(["experiment=ladder-6"]).train == compose(["experiment=demo"]).train  # the demo's injection
     assert len({str(compose([f"experiment={n}"]).raw["poison"]) for n in rungs}) == 1
 
 
