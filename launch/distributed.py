@@ -15,6 +15,7 @@ ranks save together at the next optimizer step before the signal reaches submiti
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import Callable
@@ -67,6 +68,24 @@ def detect() -> DistEnv:
         return _slurm()
     port = env.get("MASTER_PORT") or random.Random(os.getpid()).randint(20000, 60000)
     return DistEnv(0, 1, 0, 1, "127.0.0.1", int(port), "single")
+
+
+def job_environ() -> dict[str, str]:
+    """This process's environment without its own place in a world (VARS): what a job it submits or starts
+    inherits. A job's ranks come from its launcher (Slurm, torchrun); inherited, a submitting process's
+    RANK=0 / WORLD_SIZE=1 (which any in-process trainer sets) would make every task of a multi-task job
+    think it is a single rank 0, each training alone and writing the same checkpoints."""
+    return {k: v for k, v in os.environ.items() if k not in VARS}
+
+
+@contextlib.contextmanager
+def without_rank_env():
+    """`os.environ` as `job_environ()` for the duration (sbatch, called by submitit, copies os.environ)."""
+    saved = {k: os.environ.pop(k) for k in VARS if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def setup() -> DistEnv:

@@ -282,7 +282,8 @@ class LocalExecutor(Executor):
                 cloudpickle_dump(("cancelled", f"dependency {', '.join(bad)} did not succeed"), p["result.pkl"])
             elif all(st == "done" for st in deps.values()) and running < self.array_parallelism:
                 with open(p["log"], "w") as log:
-                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=distributed.job_environ())
                 self._procs[job_id] = proc
                 p["pid"].write_text(str(proc.pid))
                 running += 1
@@ -395,7 +396,7 @@ class SlurmExecutor(Executor):
         from submitit.core.utils import FailedJobError
         ex = self._auto_executor(shape, after)
         try:
-            with ex.batch():  # one call: a plain job; several: one array job
+            with distributed.without_rank_env(), ex.batch():  # one call: a plain job; several: one array job
                 sjobs = [ex.submit(fn, *args) for fn, args in calls]
         except FailedJobError as e:  # sbatch refused (no controller, bad partition, ...)
             raise JobError(f"submitting {len(calls)} {shape.name} job(s) failed: {str(e).strip()}") from None

@@ -337,6 +337,24 @@ def test_local_executor_subprocesses_dependencies_and_parallelism(tmp_path):
     assert again.states([bad.job_id, after_ok.job_id]) == {bad.job_id: "failed", after_ok.job_id: "done"}
 
 
+def rank_env():
+    return {k: os.environ.get(k) for k in distributed.VARS}
+
+
+def test_a_job_does_not_inherit_the_submitting_process_s_rank(tmp_path, monkeypatch):
+    """A process that ran a trainer in-process has RANK=0, WORLD_SIZE=1, ... in its environment (DeepSpeed
+    needs them set); the jobs it starts or submits must not inherit them: their ranks come from their launcher.
+    (Inherited under Slurm, every task of a 2-task job believed it was a single rank 0.)"""
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(k, v)
+    ex = make_executor(ClusterCfg(name="l", executor="local"), tmp_path / "jobs")
+    assert ex.submit(rank_env).result(60) == dict.fromkeys(distributed.VARS)
+    assert os.environ["RANK"] == "0"  # the submitting process keeps its own
+    with distributed.without_rank_env():
+        assert not set(distributed.VARS) & set(os.environ)
+    assert os.environ["WORLD_SIZE"] == "1"
+
+
 def test_local_executor_queues_without_blocking_and_runs_the_deepest_ready_job_first(tmp_path):
     ex = make_executor(ClusterCfg(name="l", executor="local", array_parallelism=1), tmp_path / "jobs")
     t0 = time.time()
