@@ -220,6 +220,26 @@ def test_a_signal_during_the_final_save_does_not_requeue_a_trained_run(tmp_path,
         checkpoint._caught.clear()
 
 
+def test_a_requeue_killed_by_its_own_requeue_still_exits_as_signalled(capsys):
+    """submitit's USR2 handler runs `scontrol requeue`, which the requeue it asked for may kill (SIGTERM): the
+    rank still leaves with 128 + USR2 and a line saying what to do, not a traceback."""
+    import subprocess as sp
+
+    from pipeline.train import checkpoint
+
+    def requeue(signum, frame):
+        raise sp.CalledProcessError(-signal.SIGTERM, ["scontrol", "requeue", "7"])
+    checkpoint._previous[signal.SIGUSR2] = requeue
+    old = signal.getsignal(signal.SIGUSR2)
+    try:
+        with pytest.raises(SystemExit) as e:
+            checkpoint.hand_over(2, main=True)
+        assert e.value.code == 128 + signal.SIGUSR2
+        assert "submit it again: it resumes from the checkpoint" in capsys.readouterr().out
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+
+
 def test_two_ranks_zero3_sharded_and_equal_to_single_rank(tmp_path):
     single = _run([str(tmp_path / "one"), "--zero", "3", "--micro", "4", "train.lr=5e-3"])
     assert single.returncode == 0, single.stderr[-2000:]

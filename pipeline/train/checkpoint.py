@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -75,7 +76,11 @@ def hand_over(code: int, main: bool, wait_s: float = 120.0):
     _caught.clear()
     print(f"[train] {signal.Signals(signum).name}: checkpoint saved, stopping", flush=True)
     if callable(old):
-        old(signum, None)  # submitit's USR2 handler: rank 0 requeues the job and exits; other ranks return
+        try:
+            old(signum, None)  # submitit's USR2 handler: rank 0 requeues the job and exits; other ranks return
+        except subprocess.CalledProcessError as e:  # `scontrol requeue`, killed by the very requeue it asked for
+            print(f"[train] {e}: if the job was not requeued, submit it again: it resumes from the checkpoint",
+                  flush=True)
         if signum == signal.SIGUSR2 and not main:
             time.sleep(wait_s)  # as submitit asks: leave the ending to rank 0's requeue (Slurm ends this task)
     raise SystemExit(128 + signum)
