@@ -79,9 +79,11 @@ def job_environ() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def without_rank_env():
-    """`os.environ` as `job_environ()` for the duration (sbatch, called by submitit, copies os.environ)."""
-    saved = {k: os.environ.pop(k) for k in VARS if k in os.environ}
+def without_rank_env(keep: tuple[str, ...] = ()):
+    """`os.environ` without VARS (less `keep`) for the duration (sbatch, called by submitit, copies os.environ).
+    The Slurm executor keeps MASTER_PORT: one set in the submitting shell is the user's choice (a port an
+    in-process trainer picked itself is never left in the environment), and `_slurm()` honours it."""
+    saved = {k: os.environ.pop(k) for k in VARS if k in os.environ and k not in keep}
     try:
         yield
     finally:

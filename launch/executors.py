@@ -396,7 +396,7 @@ class SlurmExecutor(Executor):
         from submitit.core.utils import FailedJobError
         ex = self._auto_executor(shape, after)
         try:
-            with distributed.without_rank_env(), ex.batch():  # one call: a plain job; several: one array job
+            with distributed.without_rank_env(keep=("MASTER_PORT",)), ex.batch():  # one call: a plain job; several: one array job
                 sjobs = [ex.submit(fn, *args) for fn, args in calls]
         except FailedJobError as e:  # sbatch refused (no controller, bad partition, ...)
             raise JobError(f"submitting {len(calls)} {shape.name} job(s) failed: {str(e).strip()}") from None

@@ -350,9 +350,30 @@ def test_a_job_does_not_inherit_the_submitting_process_s_rank(tmp_path, monkeypa
     ex = make_executor(ClusterCfg(name="l", executor="local"), tmp_path / "jobs")
     assert ex.submit(rank_env).result(60) == dict.fromkeys(distributed.VARS)
     assert os.environ["RANK"] == "0"  # the submitting process keeps its own
-    with distributed.without_rank_env():
-        assert not set(distributed.VARS) & set(os.environ)
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    with distributed.without_rank_env(keep=("MASTER_PORT",)):
+        assert set(distributed.VARS) & set(os.environ) == {"MASTER_PORT"}
     assert os.environ["WORLD_SIZE"] == "1"
+
+
+def test_sbatch_does_not_inherit_the_submitting_process_s_rank(tmp_path, monkeypatch):
+    """The same for the Slurm executor: the environment sbatch is run with (submitit copies os.environ) has no
+    RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR of the submitting process; a MASTER_PORT set there is kept."""
+    from submitit.core import utils as sub_utils
+
+    from launch.executors import SlurmExecutor
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999").items():
+        monkeypatch.setenv(k, v)
+    seen = []
+
+    def sbatch(self, *args, **kw):
+        seen.append({k: os.environ.get(k) for k in distributed.VARS})
+        return "Submitted batch job 42"
+    monkeypatch.setattr(sub_utils.CommandFunction, "__call__", sbatch)
+    ex = SlurmExecutor(tmp_path / "jobs", ClusterCfg(name="s", executor="slurm", partition="debug"))
+    assert ex.submit(add, 1, 2).job_id == "42"
+    assert seen == [{**dict.fromkeys(distributed.VARS), "MASTER_PORT": "29999"}]
+    assert os.environ["RANK"] == "0"
 
 
 def test_local_executor_queues_without_blocking_and_runs_the_deepest_ready_job_first(tmp_path):

@@ -238,6 +238,7 @@ def test_a_requeue_killed_by_its_own_requeue_still_exits_as_signalled(capsys):
         assert "submit it again: it resumes from the checkpoint" in capsys.readouterr().out
     finally:
         signal.signal(signal.SIGUSR2, old)
+        checkpoint._previous.pop(signal.SIGUSR2, None)
 
 
 def test_two_ranks_zero3_sharded_and_equal_to_single_rank(tmp_path):
