@@ -35,6 +35,19 @@ def runs_root() -> Path:
     return Path(os.environ.get("PIPELINE_RUNS", "runs"))
 
 
+def store_relative(path: Path) -> str:
+    """`path` as a manifest names another output: relative to the store root when it lies inside it (so a
+    store copied or mounted elsewhere still finds it), else absolute. `in_store` reads it back."""
+    p, root = Path(path).resolve(), runs_root().resolve()
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+
+
+def in_store(name: str) -> Path:
+    """The output a manifest names (`store_relative`'s string): under the current store root unless absolute."""
+    p = Path(name)
+    return p if p.is_absolute() else runs_root() / p
+
+
 def write_json_atomic(path: Path, obj, **dump_kw) -> None:
     """`obj` as JSON at `path`, whole or not at all: written to a sibling temporary file, then renamed."""
     path = Path(path)

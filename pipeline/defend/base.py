@@ -102,8 +102,8 @@ def method(cfg):
 
 def decoding_entry(ctx, method: str, params: dict) -> dict:
     """The manifest entry `decoding` of a decoding-time defense: the method, its decoding parameters, and the
-    suspect it decodes (the backdoored model this defense was handed, by its absolute path, so that evaluate
-    finds it from any working directory; its output hash pinned)."""
-    from ..store import read_manifest
-    return {"method": method, "params": params, "suspect": str(Path(ctx.model_dir).resolve()),
+    suspect it decodes (the backdoored model this defense was handed, named relative to the store root so a
+    moved store still finds it: store.store_relative; its output hash pinned)."""
+    from ..store import read_manifest, store_relative
+    return {"method": method, "params": params, "suspect": store_relative(ctx.model_dir),
             "suspect_hash": read_manifest(ctx.model_dir)["output_hash"]}

@@ -115,13 +115,15 @@ def _decoding(model_dir: Path, entry) -> dict:
     where = f"{model_dir}/manifest.json: 'decoding'"
     if not isinstance(entry, dict) or entry.get("method") not in DECODERS or not isinstance(entry.get("params"), dict):
         raise StoreError(f"{where} must be a mapping {{method: {' | '.join(DECODERS)}, params, suspect, ...}}")
-    suspect = store.require_complete(Path(entry.get("suspect") or ""), "suspect model (the one the defense decodes)")
+    if not entry.get("suspect"):
+        raise StoreError(f"{where}: no 'suspect' (the model the defense decodes); rerun defend")
+    suspect = store.require_complete(store.in_store(entry["suspect"]), "suspect model (the one the defense decodes)")
     if store.read_manifest(suspect)["output_hash"] != entry.get("suspect_hash"):
         raise StoreError(f"{where}: the suspect model {suspect} changed since the defense was written; rerun defend")
     if entry["method"] == "cleangen" and not isinstance(entry.get("reference_model"), dict):
         raise StoreError(f"{where}: cleangen needs 'reference_model' (the reference's model config section)")
     _check_weights(suspect)
-    return entry
+    return {**entry, "suspect": str(suspect)}  # found in this store
 
 
 def plan(cfg, inputs) -> Plan:
