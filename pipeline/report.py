@@ -140,7 +140,7 @@ def decoding_lines(rows) -> list[str]:
         for d, m in sorted(row["cells"].items()):
             st = (m.get("decoding_stats") or {}).get("all")
             suspect = (m.get("decoding") or {}).get("suspect")
-            if suspect and none.get("model_dir") and store.in_store(suspect).resolve() != Path(none["model_dir"]).resolve():
+            if suspect and none.get("model_dir") and Path(suspect).resolve() != Path(none["model_dir"]).resolve():
                 out.append(f"{d} ({where}) decodes {suspect}, not this row's no-defense model {none['model_dir']}")
             if st:
                 split = {s: (m["decoding_stats"].get(s) or {}).get("replaced_per_answer") for s in ("test_triggered",

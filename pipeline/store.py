@@ -43,9 +43,12 @@ def store_relative(path: Path) -> str:
 
 
 def in_store(name: str) -> Path:
-    """The output a manifest names (`store_relative`'s string): under the current store root unless absolute."""
+    """The output a manifest names (`store_relative`'s string): under the current store root unless absolute
+    (or, as manifests written before store_relative named it, a path relative to the working directory)."""
     p = Path(name)
-    return p if p.is_absolute() else runs_root() / p
+    if p.is_absolute() or (not (runs_root() / p).exists() and p.exists()):
+        return p
+    return runs_root() / p
 
 
 def write_json_atomic(path: Path, obj, **dump_kw) -> None:

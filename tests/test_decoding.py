@@ -227,12 +227,77 @@ def test_the_decoding_entry_names_the_suspect_within_the_store_so_a_moved_store_
     out = graph.run("defend", compose(["experiment=tiny", "defense=cleangen"]),
                     ns(data=str(data), model_dir=str(inj)))
     assert store.read_manifest(out)["decoding"]["suspect"] == str(Path("inject") / Path(inj).name)
+    ev, _, _ = evaluate(data, out, "defense=cleangen")  # the report, in the relative store, names no other model
+    ev_none, _, _ = evaluate(data, inj)
+    rep = graph.run("report", compose(["experiment=tiny"]),
+                    argparse.Namespace(runs=[str(ev), str(ev_none)], overrides=[], force=False))
+    assert "not this row's no-defense model" not in (rep / "table.md").read_text()
     shutil.copytree(tmp_path / "runs", tmp_path / "moved")
     shutil.rmtree(tmp_path / "runs")
     monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "moved"))
     moved = tmp_path / "moved" / Path(out).relative_to("runs")
     ev, m, _ = evaluate(tmp_path / "moved" / Path(data).relative_to("runs"), moved, "defense=cleangen")
     assert m["decoding"]["method"] == "cleangen" and store.is_complete(ev)
+
+
+def test_cleangen_defend_writes_a_manifest_entry_that_evaluate_applies(built):
+    data, inj = built
+    cfg = compose(["experiment=tiny", "defense=cleangen", "defense.params.alpha=0.5"])
+    out = graph.run("defend", cfg, ns(data=str(data), model_dir=str(inj)))
+    man = store.read_manifest(out)
+    dec = man["decoding"]
+    assert man["family"] == "decoding" and not (out / "model").exists()  # no weights: a manifest entry
+    assert dec["method"] == "cleangen" and dec["suspect"] == store.store_relative(inj) and dec["reference"] == "tiny-llama"
+    assert dec["params"] == {"alpha": 0.5, "k": 4, "max_drafts": 2048, "verify_tail": False}
+    assert dec["reference_is_base"] and dec["suspect_hash"] == store.read_manifest(inj)["output_hash"]
+    assert json.loads((out / "decoding.json").read_text()) == dec
+    assert "the suspect's own clean base, the most favourable reference" in man["notes"][0]
+    assert graph.output_dir("defend", cfg, args=ns(data=str(data), model_dir=str(inj))) == out
+
+    _, none, t_none = evaluate(data, inj)
+    ev, m, t = evaluate(data, out, "defense=cleangen")
+    assert m["defense"] == "cleangen" and m["decoding"]["method"] == "cleangen" and none["defense"] == "none"
+    # the reference is the suspect itself: every check replaces a draft by the same token (alpha 0.5 < score 1),
+    # so the answers are the plain greedy ones, and the replacements are counted
+    for s in ("test_clean", "test_triggered"):
+        assert t[s]["generation"] == t_none[s]["generation"]
+    st = m["decoding_stats"]
+    assert st["all"]["answers"] == 8 and st["test_triggered"]["answers"] == 4
+    assert st["all"]["replaced_per_answer"] > 0 and st["all"]["forward_passes_per_token"] > 1
+    assert st["all"]["first_replacement_mean"] == 0  # the first draft of the first block
+    assert sum(t["test_clean"]["replaced"]) == 4 * st["test_clean"]["replaced_per_answer"]
+    assert m["new_tokens_per_s"] > 0 and any("most favourable reference" in n for n in m["notes"])
+    assert ev == graph.output_dir("evaluate", compose(["experiment=tiny", "evaluate.max_new_tokens=8",
+                                                      "defense=cleangen"]), args=ns(data=str(data), model_dir=str(out)))
+
+    rep = graph.run("report", cfg, argparse.Namespace(runs=[str(ev), str(graph.output_dir(
+        "evaluate", compose(["experiment=tiny", "evaluate.max_new_tokens=8"]), args=ns(data=str(data),
+                                                                                       model_dir=str(inj))))],
+        overrides=[], force=False))
+    md = (rep / "table.md").read_text()
+    assert md.splitlines()[0] == "| model | task | attack | no defense | cleangen |"
+    assert "Decoding-time defenses" in md and "cleangen (tiny-llama negsentiment/badnet): " in md
+    assert "replaced tokens per answer" in md and "most favourable reference" in md
+    assert "not this row's no-defense model" not in md  # it decodes exactly this row's backdoored model
+
+
+def test_a_reference_with_another_tokenizer_is_refused(built, tmp_path, monkeypatch):
+    from pipeline.models import byte_tokenizer
+    data, inj = built
+    tok = byte_tokenizer()
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(tmp_path / "odd")
+    (tmp_path / "cfg" / "model").mkdir(parents=True)
+    (tmp_path / "cfg" / "model" / "odd-tok.yaml").write_text(f"source: local\npath: {tmp_path / 'odd'}\n")
+    monkeypatch.setenv("PIPELINE_CONFIG_PATH", str(tmp_path / "cfg"))
+    cfg = compose(["experiment=tiny", "defense=cleangen", "defense.params.reference=odd-tok"])
+    with pytest.raises(ConfigError, match=r"cleangen: the reference 'odd-tok' and the suspect 'tiny-llama' .* "
+                                          r"different tokenizers \(vocabulary 260 vs 261\)"):
+        graph.run("defend", cfg, ns(data=str(data), model_dir=str(inj)))
+    assert not list((tmp_path / "runs" / "defend").iterdir())  # nothing written
+    with pytest.raises(ConfigError, match="defense.params: k must be >= 1"):
+        graph.run("defend", compose(["experiment=tiny", "defense=cleangen", "defense.params.k=0"]),
+                  ns(data=str(data), model_dir=str(inj)))
 
 
 def test_the_sampling_interval_is_one_seeds_prompts_not_the_pooled_answers():

@@ -364,6 +364,11 @@ def test_sbatch_does_not_inherit_the_submitting_process_s_rank(tmp_path, monkeyp
     from launch.executors import SlurmExecutor
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999").items():
         monkeypatch.setenv(k, v)
+    fake = tmp_path / "bin"  # submitit's executor looks for srun on PATH; no Slurm is needed here
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
     seen = []
 
     def sbatch(self, *args, **kw):
