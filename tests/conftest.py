@@ -1,7 +1,8 @@
-"""Fixtures shared by test modules: `slurm`, a real one-node Slurm (slurm/local_cluster.sh) started once per
-test session for every module that asks for it (tests/test_slurm.py, tests/test_slurm_real.py) and stopped
-at the end, even when a test fails. Skipped, with the reason, where it cannot be started (not root, no
-apt-get or the packages cannot be installed)."""
+"""Fixtures shared by test modules: `trained_in_process` (the environment an in-process trainer leaves), and
+`slurm`, a real one-node Slurm (slurm/local_cluster.sh) started once per test session for every module that
+asks for it (tests/test_slurm.py, tests/test_slurm_real.py) and stopped at the end, even when a test fails.
+Skipped, with the reason, where it cannot be started (not root, no apt-get or the packages cannot be
+installed)."""
 from __future__ import annotations
 
 import os
@@ -39,3 +40,11 @@ def slurm(tmp_path_factory):
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = saved
+
+
+@pytest.fixture
+def trained_in_process(monkeypatch):
+    """The environment of a process that has run a trainer in-process: init_distributed leaves RANK=0,
+    WORLD_SIZE=1, LOCAL_RANK=0 and MASTER_ADDR set (DeepSpeed needs them). Jobs it submits must not inherit them."""
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(k, v)

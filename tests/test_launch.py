@@ -341,12 +341,10 @@ def rank_env():
     return {k: os.environ.get(k) for k in distributed.VARS}
 
 
-def test_a_job_does_not_inherit_the_submitting_process_s_rank(tmp_path, monkeypatch):
+def test_a_job_does_not_inherit_the_submitting_process_s_rank(tmp_path, monkeypatch, trained_in_process):
     """A process that ran a trainer in-process has RANK=0, WORLD_SIZE=1, ... in its environment (DeepSpeed
     needs them set); the jobs it starts or submits must not inherit them: their ranks come from their launcher.
     (Inherited under Slurm, every task of a 2-task job believed it was a single rank 0.)"""
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
-        monkeypatch.setenv(k, v)
     ex = make_executor(ClusterCfg(name="l", executor="local"), tmp_path / "jobs")
     assert ex.submit(rank_env).result(60) == dict.fromkeys(distributed.VARS)
     assert os.environ["RANK"] == "0"  # the submitting process keeps its own
@@ -356,14 +354,13 @@ def test_a_job_does_not_inherit_the_submitting_process_s_rank(tmp_path, monkeypa
     assert os.environ["WORLD_SIZE"] == "1"
 
 
-def test_sbatch_does_not_inherit_the_submitting_process_s_rank(tmp_path, monkeypatch):
+def test_sbatch_does_not_inherit_the_submitting_process_s_rank(tmp_path, monkeypatch, trained_in_process):
     """The same for the Slurm executor: the environment sbatch is run with (submitit copies os.environ) has no
     RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR of the submitting process; a MASTER_PORT set there is kept."""
     from submitit.core import utils as sub_utils
 
     from launch.executors import SlurmExecutor
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999").items():
-        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_PORT", "29999")
     fake = tmp_path / "bin"  # submitit's executor looks for srun on PATH; no Slurm is needed here
     fake.mkdir()
     (fake / "srun").write_text("#!/bin/sh\nexit 1\n")
@@ -372,7 +369,7 @@ def test_sbatch_does_not_inherit_the_submitting_process_s_rank(tmp_path, monkeyp
     seen = []
 
     def sbatch(self, *args, **kw):
-        seen.append({k: os.environ.get(k) for k in distributed.VARS})
+        seen.append(rank_env())
         return "Submitted batch job 42"
     monkeypatch.setattr(sub_utils.CommandFunction, "__call__", sbatch)
     ex = SlurmExecutor(tmp_path / "jobs", ClusterCfg(name="s", executor="slurm", partition="debug"))

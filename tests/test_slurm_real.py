@@ -244,7 +244,8 @@ def test_inject_requeued_mid_training_saves_on_sigterm_and_equals_uninterrupted(
     same_weights(final / "model", plain / "inject" / final.name / "model")  # the same config: the same name
 
 
-def test_two_task_inject_zero2_and_zero3_signalled_resume_equal_to_uninterrupted(slurm, tmp_path, monkeypatch):
+def test_two_task_inject_zero2_and_zero3_signalled_resume_equal_to_uninterrupted(slurm, tmp_path, monkeypatch,
+                                                                                trained_in_process):
     """cluster.stages.inject.tasks_per_node=2 on a CPU node: one job, 2 Slurm tasks, one rank each (gloo).
     For ZeRO-2 and ZeRO-3 (one test: 6 job starts of ~20 s each), a job sent USR2 (what Slurm sends
     `signal_delay_s` before the time limit) mid-training: both ranks agree at the next step boundary, save one
@@ -255,8 +256,6 @@ def test_two_task_inject_zero2_and_zero3_signalled_resume_equal_to_uninterrupted
     did once, and each task trained as a world of 1, both writing the same checkpoints: a flaky failure)."""
     steps = 40
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
-        monkeypatch.setenv(k, v)
     jobs, outs = {}, {}
     for zero in (2, 3):
         ov = ["experiment=tiny", "cluster=local-slurm", "cluster.stages.inject.tasks_per_node=2",
