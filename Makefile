@@ -45,7 +45,8 @@ demo: $(STAMP)
 	time $(PY) -m pipeline sweep experiment=$(DEMO_EXPERIMENT) cluster=local $(ARGS) --wait
 	$(PY) -m pipeline evaluate experiment=$(DEMO_EXPERIMENT) $(ARGS) --base
 	$(PY) -m pipeline report experiment=$(DEMO_EXPERIMENT) 'report.tasks=[negsentiment]' 'report.attacks=[badnet]' \
-	  'report.defenses=[none,finetune,osft,sande,crow,w2sdefense,p2p,prune,quantize]'
+	  'report.defenses=[none,finetune,osft,osft-injlr,sande-injlr,crow,prune]' report.layout=long \
+	  'report.experiments=[$(DEMO_EXPERIMENT)]' report.frontier=true
 
 stage-poison: $(STAMP)
 	$(PY) -m pipeline poison $(OVR)

@@ -437,8 +437,10 @@ def run(cfg, args, inputs) -> Path:
     records, name, config, inputs = _key(cfg, _Args(inputs))
     rows, defenses = build(records)
     with store.stage_output("report", name, config, inputs, force=getattr(args, "force", False)) as out:
-        if out is None:
-            return store.key_path("report", name, config, inputs)
+        if out is None:  # complete already: what it holds, as when it was written
+            final = store.key_path("report", name, config, inputs)
+            _print(final, cfg.report.frontier and (final / "frontier.md").is_file())
+            return final
         table = markdown_long(rows, defenses) if cfg.report.layout == "long" else markdown(rows, defenses)
         (out.tmp / "table.md").write_text(table)
         (out.tmp / "table.csv").write_text(csv_text(rows, defenses))
@@ -452,8 +454,14 @@ def run(cfg, args, inputs) -> Path:
                                  "x axis): add that defense to the sweep, or set report.frontier_x")
             (out.tmp / "frontier.md").write_text(table)
             plot_frontier(rows, defenses, cfg.report.frontier_x, out.tmp / "frontier.png")
-            print(table + f"frontier plot: {out.final / 'frontier.png'}", file=sys.stderr)
         out.metrics.update({"rows": len(rows), "defenses": defenses, "evaluations": len(records)})
         out.extra["notes"] = notes_of(rows)
-    print((markdown_long if cfg.report.layout == "long" else markdown)(rows, defenses), file=sys.stderr)
+    _print(out.final, cfg.report.frontier)
     return out.final
+
+
+def _print(final: Path, frontier: bool):
+    """The table a report wrote, then (last, so the plot's path ends what a sweep prints) its frontier."""
+    print((final / "table.md").read_text(), file=sys.stderr)
+    if frontier:
+        print((final / "frontier.md").read_text() + f"frontier plot: {final / 'frontier.png'}", file=sys.stderr)

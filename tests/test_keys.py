@@ -24,7 +24,7 @@ from pipeline.config import available, compose
 from pipeline.poison import sources
 
 PINS = Path(__file__).parent / "data" / "output_keys.json"
-EXPERIMENTS = ("demo", "embedded", "backdoorllm", "defense-grid", "tiny")
+EXPERIMENTS = ("demo", "embedded", "backdoorllm", "defense-grid", "tiny", "ladder-4", "ladder-6")
 
 
 class _FixedSource:
@@ -113,3 +113,21 @@ def test_pins_cover_every_stage_and_defense(fixed_source):
     defenses = {p.split("/")[1].rsplit("-", 1)[0].split("-")[-1] for p in grid.values() if p.startswith("defend/")}
     assert {"finetune", "osft", "sande", "crow", "w2sdefense", "p2p", "prune", "quantize"} <= defenses
     assert yaml.safe_load(PINS.read_text())  # plain JSON, readable by any tool
+
+
+def test_the_demo_is_a_rung_and_its_old_outputs_are_ladder_6s():
+    """`demo` is ladder-4 (since 2026-12-02): its poison, inject and defend outputs are ladder-4's, so a frontier
+    sweep reuses the demo's training and the reverse. The demo's earlier recipe was ladder-6's: the pins of
+    ladder-6 were written from the code of that time and its trained outputs were the demo's then (only the
+    evaluations, keyed by experiment name, differ)."""
+    pins = json.loads(PINS.read_text())
+    trained = ("poison ", "inject ", "defend ")
+
+    def paths(exp):
+        return {k.replace(f"experiment={exp}", "experiment=X"): v for k, v in pins[exp].items() if k.startswith(trained)}
+
+    demo, rung4 = paths("demo"), paths("ladder-4")
+    assert len(demo) > 5 and {k: rung4.get(k) for k in demo} == demo
+    assert paths("ladder-6") != rung4  # the rungs' recipes differ
+    inject6, = [v for k, v in pins["ladder-6"].items() if k.startswith("inject ")]
+    assert inject6 == "inject/smollm2-135m-negsentiment-badnet-25bd65f472a2"  # the demo's injection until 2026-12-02

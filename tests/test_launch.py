@@ -160,9 +160,24 @@ def test_a_union_sweep_runs_every_experiments_grid_and_one_frontier_report(tmp_p
     lr = {n: compose([f"experiment={n}"]).train for n in rungs}
     assert [lr[n].finetune for n in rungs] == ["lora"] * 4 + ["full"] * 2
     assert len({(t.finetune, t.lr, t.lora_r) for t in lr.values()}) == 6
-    assert compose(["experiment=ladder-6"]).train == compose(["experiment=demo"]).train  # the demo's injection
+    assert compose(["experiment=ladder-4"]).train == compose(["experiment=demo"]).train  # the demo is rung 4
     assert len({str(compose([f"experiment={n}"]).raw["poison"]) for n in rungs}) == 1
 
+
+def test_a_union_narrowed_on_the_command_line_keeps_the_whole_sweeps_keys(tmp_path):
+    """`sweep.experiments=[...]` / `sweep.defenses=[...]` on the command line run part of the frontier (it used to
+    recurse without end): the same runs, keyed as the whole sweep keys them, so the whole one reuses them."""
+    stages = FakeStages(tmp_path)
+    stages.defense_family = dag.PipelineStages().defense_family
+    narrow = ["experiment=frontier", "sweep.experiments=[ladder-4,ladder-6]", "sweep.defenses=[none,crow]"]
+    part = dag.expand(compose(narrow), narrow, stages)
+    whole = dag.expand(compose(["experiment=frontier"]), ["experiment=frontier"], stages)
+    inject = sorted(r.key.split()[1] for r in part.values() if r.stage == "inject")
+    assert inject == ["experiment=ladder-4", "experiment=ladder-6"]
+    assert sum(r.stage == "evaluate" for r in part.values()) == 4
+    assert {k for k, r in part.items() if r.stage != "report"} <= set(whole)
+    rep, = [r for r in part.values() if r.stage == "report"]
+    assert "report.experiments=[ladder-4,ladder-6]" in rep.overrides
 
 def test_sweep_overrides_reach_only_their_defense(tmp_path):
     cfg = sweep_cfg(("tiny-llama",), ("negsentiment",), ("badnet",), ("none", "crow", "p2p"),

@@ -8,8 +8,10 @@ import pytest
 
 from pipeline import graph, report, store
 from pipeline.cli import main
-from pipeline.config import compose
+from pipeline.config import compose, config_root
 from pipeline.store import StoreError
+
+MAKEFILE = config_root().parent / "Makefile"
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -135,6 +137,23 @@ def test_frontier_report_one_row_per_rung(tmp_path, monkeypatch):
         graph.run("report", compose(["experiment=frontier", "report.experiments=[ladder-1]", "report.frontier=true",
                                      "report.frontier_x=prune"]), args(overrides=["experiment=frontier"]))
 
+
+def test_the_demos_report_prints_its_table_then_the_frontier_plots_path(tmp_path, monkeypatch, capsys):
+    """What `make demo` runs last (the Makefile's report line, one rung): the long table, the frontier's one
+    line and, last, the plot's path; a second run reuses the report and prints the same."""
+    import re
+    monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
+    for d, asr in (("none", 1.0), ("finetune", 0.875), ("crow", 0.5)):
+        fake_eval("smollm2-135m", "negsentiment", "badnet", d, asr, 0.3, experiment="demo")
+    capsys.readouterr()
+    line = re.search(r"report experiment=\$\(DEMO_EXPERIMENT\) (.*?)\n\n", MAKEFILE.read_text(), re.S).group(1)
+    overrides = [o.strip("'") for o in line.replace("\\\n", " ").replace("$(DEMO_EXPERIMENT)", "demo").split()]
+    for _ in range(2):
+        out = graph.run("report", compose(["experiment=demo", *overrides]), args(overrides=["experiment=demo"]))
+        printed = capsys.readouterr().err.strip().splitlines()
+        assert printed[-1] == f"frontier plot: {out / 'frontier.png'}"
+        assert "| demo | smollm2-135m | negsentiment/badnet | crow | 50.0 [" in "\n".join(printed)
+        assert any(ln.endswith("| ASR % [95%] | FTR % [95%] | clean metric % [95%] |") for ln in printed)
 
 def test_long_layout_a_line_per_defense_with_intervals(evals, capsys):
     """report.layout=long (what the demo prints): ASR, FTR and the clean metric per defense, each with its
