@@ -154,6 +154,8 @@ def test_the_demos_report_prints_its_table_then_the_frontier_plots_path(tmp_path
         assert printed[-1] == f"frontier plot: {out / 'frontier.png'}"
         assert "| demo | smollm2-135m | negsentiment/badnet | crow | 50.0 [" in "\n".join(printed)
         assert any(ln.endswith("| ASR % [95%] | FTR % [95%] | clean metric % [95%] |") for ln in printed)
+        order = [ln.split(" | ")[3] for ln in printed if ln.startswith("| demo | smollm2-135m")]
+        assert order == ["no defense", "finetune", "crow"]  # the Makefile's order, not the alphabet's
 
 def test_long_layout_a_line_per_defense_with_intervals(evals, capsys):
     """report.layout=long (what the demo prints): ASR, FTR and the clean metric per defense, each with its
