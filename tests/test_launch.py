@@ -546,3 +546,19 @@ def test_terminal_display_redraws_its_block_in_place():
     assert second.startswith("\x1b[5F\x1b[J")  # up to the block's first line, cleared, drawn again
     assert second.endswith("poison    1 done\ninject    1 running\n  inject tiny-llama negsentiment badnet: step 30/120, "
                            "ETA 1m35s\nevaluate  1 queued\n"), second
+
+
+def test_a_profiles_script_previews_without_slurm(tmp_path, monkeypatch):
+    """`sweep --dry-run` on a Slurm profile renders each job's sbatch script where no Slurm is installed (a
+    laptop; CI before the local Slurm's fixture has installed it): submitit's executor alone would refuse
+    without `srun` on PATH. Submitting still needs it."""
+    from submitit.slurm.slurm import SlurmExecutor as Submitit
+
+    from launch.executors import SlurmExecutor, shape_for
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun
+    gpu = compose(["cluster=slurm-gpu"]).cluster
+    s = SlurmExecutor(tmp_path, gpu).script(shape_for("inject", gpu), after=["12"])
+    assert "#SBATCH --gpus-per-node=8\n" in s and "#SBATCH --dependency=afterok:12\n" in s
+    assert Submitit.affinity() == -1  # the check is back as it was
+    with pytest.raises(RuntimeError, match="srun"):
+        SlurmExecutor(tmp_path, gpu)._auto_executor(shape_for("inject", gpu), [])
