@@ -124,7 +124,7 @@ def expand_union(cfg, overrides: Sequence[str], stages) -> dict[str, Run]:
     from pipeline.config import compose
     # the list itself is this experiment's: a rung composed with it would expand the union again, without end
     rest = [o for o in overrides
-            if section_of(o) != "experiment" and not o.split("=", 1)[0].lstrip("+").startswith("sweep.experiments")]
+            if section_of(o) != "experiment" and not o.split("=", 1)[0].strip().startswith("sweep.experiments")]
     runs: dict[str, Run] = {}
     for name in cfg.sweep.experiments:
         sub = compose([f"experiment={name}", *rest])

@@ -436,7 +436,7 @@ class _Args:
 def run(cfg, args, inputs) -> Path:
     records, name, config, inputs = _key(cfg, _Args(inputs))
     rows, defenses = build(records)
-    named = [d for d in cfg.report.defenses if d in defenses]  # the grid's own order where it names one
+    named = [d for d in dict.fromkeys(cfg.report.defenses) if d in defenses and d != "base"]  # the grid's order
     defenses = named + [d for d in defenses if d not in named and d != "base"] + [d for d in defenses if d == "base"]
     with store.stage_output("report", name, config, inputs, force=getattr(args, "force", False)) as out:
         if out is None:  # complete already: what it holds, as when it was written
