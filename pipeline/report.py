@@ -87,17 +87,20 @@ def collect(cfg, args=None) -> list[dict]:
     return [best[k] for k in sorted(best)]
 
 
-def defense_order(records) -> list[str]:
+def defense_order(records, named=()) -> list[str]:
+    """The table's columns: those `named` (the grid's report.defenses) in their order, then `none` and the rest
+    alphabetically, `base` last."""
     names = {r["metrics"]["defense"] for r in records}
+    first = [d for d in dict.fromkeys(named) if d in names and d != "base"]
     last = ["base"] if "base" in names else []
-    return [d for d in ("none",) if d in names] + sorted(names - {"none", "base"}) + last
+    return first + [d for d in ("none",) if d in names and d not in first] + sorted(names - {"none", "base", *first}) + last
 
 
 def _protocol(m: dict) -> str:
     return m.get("protocol") or "strict"  # evaluations from before protocols were ours
 
 
-def build(records) -> tuple[list[dict], list[str]]:
+def build(records, named=()) -> tuple[list[dict], list[str]]:
     """Table rows {model, task, attack, protocol, cells: {defense: metrics}, notes} and the column order: one
     row per evaluation protocol, so two protocols of the same model stand side by side."""
     rows: dict = {}
@@ -108,7 +111,7 @@ def build(records) -> tuple[list[dict], list[str]]:
                                "protocol": _protocol(m), "cells": {}, "notes": [], "rung": rung})
         row["cells"][m["defense"]] = m
         row["notes"] += [n for n in m.get("notes") or [] if n not in row["notes"]]
-    return [rows[k] for k in sorted(rows)], defense_order(records)
+    return [rows[k] for k in sorted(rows)], defense_order(records, named)
 
 
 def _pct(x) -> str:
@@ -435,9 +438,7 @@ class _Args:
 
 def run(cfg, args, inputs) -> Path:
     records, name, config, inputs = _key(cfg, _Args(inputs))
-    rows, defenses = build(records)
-    named = [d for d in dict.fromkeys(cfg.report.defenses) if d in defenses and d != "base"]  # the grid's order
-    defenses = named + [d for d in defenses if d not in named and d != "base"] + [d for d in defenses if d == "base"]
+    rows, defenses = build(records, cfg.report.defenses)
     with store.stage_output("report", name, config, inputs, force=getattr(args, "force", False)) as out:
         if out is None:  # complete already: what it holds, as when it was written
             final = store.key_path("report", name, config, inputs)

@@ -179,6 +179,7 @@ def test_a_union_narrowed_on_the_command_line_keeps_the_whole_sweeps_keys(tmp_pa
     rep, = [r for r in part.values() if r.stage == "report"]
     assert "report.experiments=[ladder-4,ladder-6]" in rep.overrides
 
+
 def test_sweep_overrides_reach_only_their_defense(tmp_path):
     cfg = sweep_cfg(("tiny-llama",), ("negsentiment",), ("badnet",), ("none", "crow", "p2p"),
                     "sweep.overrides={crow: [defense.train.micro_batch=8]}")

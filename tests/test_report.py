@@ -157,6 +157,7 @@ def test_the_demos_report_prints_its_table_then_the_frontier_plots_path(tmp_path
         order = [ln.split(" | ")[3] for ln in printed if ln.startswith("| demo | smollm2-135m")]
         assert order == ["no defense", "finetune", "crow"]  # the Makefile's order, not the alphabet's
 
+
 def test_long_layout_a_line_per_defense_with_intervals(evals, capsys):
     """report.layout=long (what the demo prints): ASR, FTR and the clean metric per defense, each with its
     interval where the evaluation has one, every note once."""
