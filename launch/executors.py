@@ -391,13 +391,11 @@ class SlurmExecutor(Executor):
         """The sbatch script a job of this shape would get (to review a profile; submits nothing). Needs no
         Slurm here: submitit's executor refuses to start where `srun` is not on PATH, which a preview on a
         laptop (or before a test has installed Slurm) must not."""
+        from unittest import mock
+
         from submitit.slurm import slurm
-        real = slurm.SlurmExecutor.__dict__["affinity"]
-        slurm.SlurmExecutor.affinity = classmethod(lambda cls: 1)
-        try:
+        with mock.patch.object(slurm.SlurmExecutor, "affinity", classmethod(lambda cls: 1)):
             ex = self._auto_executor(shape, list(after))._executor
-        finally:
-            slurm.SlurmExecutor.affinity = real
         return ex._make_submission_file_text(ex._submitit_command_str, "preview")
 
     def _submit(self, calls, shape, after):
