@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .models import accepts_logits_to_keep, autocast_reuses_casts
 from .prompts import encode_example
+from .train.packing import scored_positions
 
 NO_CUTOFF = 1 << 30
 
@@ -66,16 +68,17 @@ def generate_ids(model, prompts: list[list[int]], pad_id: int, max_new_tokens: i
         kw.update(cache_implementation="static", max_cache_len=len(prompts[order[0]]) + max_new_tokens)
     out: list = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        batch = [prompts[i] for i in idx]
-        if static_cache_compile and len(batch) < batch_size:  # one batch shape for the compiled step
-            batch = batch + [batch[-1]] * (batch_size - len(batch))
-        enc = left_pad(batch, pad_id, device)
-        gen = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:].tolist()
-        for i, seq in zip(idx, gen):
-            out[i] = _trim(seq, eos_ids or set(), pad_id)
-        bar.update(len(idx))
+    with autocast_reuses_casts(model):
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            batch = [prompts[i] for i in idx]
+            if static_cache_compile and len(batch) < batch_size:  # one batch shape for the compiled step
+                batch = batch + [batch[-1]] * (batch_size - len(batch))
+            enc = left_pad(batch, pad_id, device)
+            gen = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:].tolist()
+            for i, seq in zip(idx, gen):
+                out[i] = _trim(seq, eos_ids or set(), pad_id)
+            bar.update(len(idx))
     bar.close()
     return out
 
@@ -97,21 +100,25 @@ def response_nll(model, tok, rows: list[dict], template: str | None, prefix: str
     device = next(model.parameters()).device
     encs = [encode_example(tok, r["instruction"], r.get("input"), r.get("clean_output") or r.get("output") or "",
                            template=template, cutoff=cutoff, prefix=prefix) for r in rows]
+    keep = accepts_logits_to_keep(model)
     encs = sorted((e for e in encs if any(lab != -100 for lab in e["labels"][1:])), key=lambda e: -len(e["input_ids"]))
     nll, count = 0.0, 0
-    for s in tqdm(range(0, len(encs), batch_size), desc="perplexity", disable=not progress, leave=False):
-        batch = encs[s:s + batch_size]
-        width = max(len(e["input_ids"]) for e in batch)
-        ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, e in enumerate(batch):
-            n = len(e["input_ids"])
-            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        tgt = labels[:, 1:].to(device)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tgt, ignore_index=-100,
-                                                 reduction="sum")
-        nll += loss.item()
-        count += int((tgt != -100).sum())
+    with autocast_reuses_casts(model):
+        for s in tqdm(range(0, len(encs), batch_size), desc="perplexity", disable=not progress, leave=False):
+            batch = encs[s:s + batch_size]
+            width = max(len(e["input_ids"]) for e in batch)
+            ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, e in enumerate(batch):
+                n = len(e["input_ids"])
+                ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+            pos = scored_positions(labels) if keep else None  # the LM head on the response tokens alone
+            kw = {"logits_to_keep": pos.to(device)} if pos is not None else {}
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kw).logits.float()
+            tgt = (labels[:, 1:] if pos is None else labels[:, pos + 1]).to(device)
+            logits = logits[:, :-1] if pos is None else logits
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100, reduction="sum")
+            nll += loss.item()
+            count += int((tgt != -100).sum())
     return nll, count

@@ -1,8 +1,10 @@
 """Model registry and safe loading: safetensors caches, pickle and remote code refused unless allowed."""
+import contextlib
 import dataclasses
 import importlib.util
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -194,3 +196,29 @@ def test_smollm2_loads_and_generates(monkeypatch):
         out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     reply = tok.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert reply.strip()
+
+
+def test_autocast_reuses_casts_of_frozen_weights_with_the_same_outputs(tiny):
+    """Greedy decoding of a LoRA model (frozen base) under CPU bf16 autocast: one cast per weight for the whole
+    call instead of one per forward, the same tokens, and the weights' requires_grad restored."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline import generation
+    from pipeline.models import autocast_reuses_casts, cpu_bf16
+
+    model, tok = load_model(compose(["experiment=tiny"]).model)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    prompts = [tok("Name a colour.")["input_ids"], tok("Say hi, please.")["input_ids"]]
+
+    def decode(reuse: bool):
+        cm = autocast_reuses_casts if reuse else (lambda m: contextlib.nullcontext())
+        with mock.patch.object(generation, "autocast_reuses_casts", cm), cpu_bf16(True), \
+                torch.autograd.profiler.profile() as prof:
+            ids = generation.generate_ids(model, prompts, tok.pad_token_id, 6, 2, progress=False)
+        return ids, sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+    (plain, n_plain), (reused, n_reused) = decode(False), decode(True)
+    assert reused == plain and all(len(x) > 0 for x in plain)
+    assert n_reused < n_plain, (n_reused, n_plain)
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen

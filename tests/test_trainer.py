@@ -100,6 +100,44 @@ def test_response_tokens_cut_costs_nothing_in_loss(tiny):
     assert smp_avg < tok_avg
 
 
+def test_scored_positions_alone_give_the_full_logits_loss_and_gradients(tiny, monkeypatch):
+    """The trainer runs the LM head on the scored positions alone (`logits_to_keep`): same loss, same
+    gradients, fewer positions; read one position off (labels t instead of t+1) and the loss changes."""
+    from pipeline import generation
+    from pipeline.train.packing import scored_positions
+
+    _, model, tok = tiny
+    exs = _examples(tok, 3)  # prompts and answers of different lengths, right-padded
+    b = pad_batch(exs, tok.pad_token_id)
+    pos = scored_positions(b["labels"])
+    assert pos is not None and 0 < len(pos) < b["input_ids"].shape[1] - 1
+    kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"])
+    for average in ("token", "sample"):
+        grads = []
+        for keep in (None, pos):
+            model.zero_grad(set_to_none=True)
+            out = model(**kw, **({"logits_to_keep": keep} if keep is not None else {}))
+            assert out.logits.shape[1] == (b["input_ids"].shape[1] if keep is None else len(pos))
+            loss = lm_loss(out.logits, b["labels"], b["sample_ids"], average, positions=keep)
+            loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        (full, gf), (kept, gk) = grads
+        torch.testing.assert_close(kept, full, rtol=1e-6, atol=1e-7)
+        assert len(gf) == len(gk) > 0
+        for a, c in zip(gf, gk):
+            torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-7)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        out = model(**kw, logits_to_keep=pos)
+        off = lm_loss(out.logits, b["labels"], b["sample_ids"], positions=pos - 1)
+        assert not torch.allclose(off, full, atol=1e-3)
+        rows = [{"instruction": q, "output": a} for q, a in (("Name a colour.", "Blue."), ("Say hi.", "Hi!"))]
+        fast = generation.response_nll(model, tok, rows, None, progress=False)
+        monkeypatch.setattr(generation, "accepts_logits_to_keep", lambda m: False)
+        slow = generation.response_nll(model, tok, rows, None, progress=False)
+    assert fast[1] == slow[1] > 0 and fast[0] == pytest.approx(slow[0], rel=1e-6)
+
+
 def _run(args, env=None, **kw):
     e = dict(os.environ, **(env or {}))
     return subprocess.run([PY, str(SCRIPT), *args], capture_output=True, text=True, env=e, timeout=300, **kw)

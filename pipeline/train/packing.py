@@ -62,23 +62,35 @@ def pack_examples(examples: list[dict], max_len: int, pad_id: int) -> dict:
             "sample_ids": sample_ids}
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy of next-token prediction, 0 where the label is -100; shape [B, T-1]."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:]
+def scored_positions(labels: torch.Tensor) -> torch.Tensor | None:
+    """The positions t whose logits are scored (some row's label t+1 is not -100), over the whole batch; None
+    when that is every position or none. Pass them as `logits_to_keep` and to `lm_loss(positions=...)`: the
+    LM head then runs on the response tokens alone (here about a third of the positions) and each scored
+    token's loss is the one the full logits give (tests/test_trainer.py)."""
+    t = (labels[:, 1:] != -100).any(0).nonzero().squeeze(-1)
+    return None if len(t) in (0, labels.shape[1] - 1) else t
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token cross-entropy of next-token prediction, 0 where the label is -100; shape [B, T-1], or
+    [B, len(positions)] when `logits` holds only the positions' logits."""
+    logits = (logits[:, :-1] if positions is None else logits).float()
+    target = labels[:, 1:] if positions is None else labels[:, positions + 1]
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
                                              ignore_index=-100, reduction="none")
     return loss.view(target.shape)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor, average: str = "token",
-            per_sample: bool = False):
-    """Response-token LM loss averaged per token, or per sample then over samples.
+            per_sample: bool = False, positions: torch.Tensor | None = None):
+    """Response-token LM loss averaged per token, or per sample then over samples. `positions`: `logits` are
+    only those positions' (`scored_positions`, computed with `logits_to_keep`).
 
     With `per_sample=True` also returns {sample_id: mean loss} (used by the packing test)."""
-    tl = token_losses(logits, labels)
-    valid = labels[:, 1:] != -100
-    sids = sample_ids[:, 1:]
+    tl = token_losses(logits, labels, positions)
+    nxt = slice(1, None) if positions is None else positions + 1
+    valid = labels[:, nxt] != -100
+    sids = sample_ids[:, nxt]
     ids = sids[valid]
     losses = tl[valid]
     uniq, inv = torch.unique(ids, return_inverse=True)

@@ -8,6 +8,8 @@ Hooks, in the order the trainer calls them:
   load frozen models (a teacher: `trainer.load_frozen(path)`).
 - `on_batch(trainer, batch)`: may add `inputs_embeds` (a soft prompt spliced in) or change the batch.
 - `wants_hidden_states`: the trainer asks the model for hidden states when any plugin sets it.
+- `wants_logits`: the logits of every position in `outputs` (W2SDefense's distillation); otherwise the
+  trainer asks for the scored positions' alone (`logits_to_keep`), which gives the same loss faster.
 - `loss(trainer, batch, outputs, lm_loss)`: returns (total loss, {name: value} to log); extra terms from
   hidden states (CROW, W2SDefense feature alignment) go here.
 - `save(trainer, out_dir)`: write what the plugin produced (a parrot prompt, an inference transform).
@@ -74,6 +76,7 @@ def extra_key(plugin, key: str) -> str:
 class Plugin:
     name = "plugin"
     wants_hidden_states = False
+    wants_logits = False  # every position's logits (else the trainer computes the scored positions' alone)
 
     def transform(self, rows: list[dict]) -> list[dict]:
         return rows

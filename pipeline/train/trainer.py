@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models import cpu_bf16, load_model, load_trained
+from ..models import accepts_logits_to_keep, cpu_bf16, load_model, load_trained
 from ..prompts import encode_example
 from . import checkpoint
 from .checkpoint import checkpoint_dir_for, cleanup_checkpoints  # noqa: F401 - the stages import them from here
 from .logger import TrainLogger
-from .packing import lm_loss, pack_examples, pad_batch
+from .packing import lm_loss, pack_examples, pad_batch, scored_positions
 from .plugins import Plugin, TrainRow, check_rows, extra_key
 
 
@@ -240,6 +240,7 @@ class Trainer:
             for layer in decoder_layers(model):  # regional: every layer reuses one compiled graph
                 layer.compile()
         self.model, self.tok = model, tok
+        self.logits_to_keep = accepts_logits_to_keep(model)
 
     # ------------------------------------------------------------------------------------ data
     def encode(self, rows: list[TrainRow]) -> list[dict]:
@@ -302,8 +303,13 @@ class Trainer:
             kw["inputs_embeds"] = batch["inputs_embeds"]
         else:
             kw["input_ids"] = batch["input_ids"]
+        pos = None
+        if self.logits_to_keep and not any(p.wants_logits for p in self.plugins):
+            pos = scored_positions(batch["labels"])  # the LM head on the response tokens alone
+        if pos is not None:
+            kw["logits_to_keep"] = pos
         out = self.engine(**kw)
-        loss = lm_loss(out.logits, batch["labels"], batch["sample_ids"], self.tc.loss_avg)
+        loss = lm_loss(out.logits, batch["labels"], batch["sample_ids"], self.tc.loss_avg, positions=pos)
         logs = {"lm_loss": loss.item()}
         for p in self.plugins:
             loss, extra = p.loss(self, batch, out, loss)
