@@ -37,15 +37,14 @@ $(STAMP): setup.py
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 
-# The whole pipeline offline on SmolLM2-135M: poison, inject, every defense, evaluate, report. With the
+# The whole pipeline offline on SmolLM2-135M: poison, inject, the demo's defenses (two runs at a time), evaluate, report. With the
 # BackdoorLLM data beside the checkout (../shared/data/backdoorllm) it uses it; otherwise the synthetic set.
 DEMO_EXPERIMENT ?= $(if $(wildcard ../shared/data/backdoorllm/README.md),demo,demo-synthetic)
 demo: $(STAMP)
-	$(PY) -m pipeline generate model=smollm2-135m --max-new-tokens 24
-	time $(PY) -m pipeline sweep experiment=$(DEMO_EXPERIMENT) cluster=local $(ARGS) --wait
+	time $(PY) -m pipeline sweep experiment=$(DEMO_EXPERIMENT) cluster=local cluster.array_parallelism=2 $(ARGS) --wait
 	$(PY) -m pipeline evaluate experiment=$(DEMO_EXPERIMENT) $(ARGS) --base
 	$(PY) -m pipeline report experiment=$(DEMO_EXPERIMENT) 'report.tasks=[negsentiment]' 'report.attacks=[badnet]' \
-	  'report.defenses=[none,finetune,osft,osft-injlr,sande-injlr,crow,prune]' report.layout=long \
+	  'report.defenses=[none,finetune,osft,osft-injlr,sande-injlr,prune]' report.layout=long \
 	  'report.experiments=[$(DEMO_EXPERIMENT)]' report.frontier=true
 
 stage-poison: $(STAMP)

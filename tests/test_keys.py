@@ -2,7 +2,8 @@
 
 `tests/data/output_keys.json` was computed before the pipeline-graph refactor (issue 18) by this same test
 with `PIN_KEYS=write` (ladder-4 and ladder-6 were added on 2026-12-02, written before `demo` became ladder-4,
-and `demo` rewritten after). Each run of an experiment's sweep (and the base model's evaluation per cell) is keyed
+and `demo` rewritten after; the runs of the defenses added since, cleangen ... w2sdefense-nofa, were added
+later that day, no pinned path changing). Each run of an experiment's sweep (and the base model's evaluation per cell) is keyed
 in dependency order inside an empty store; after each, a stand-in output (its config.yaml the run's resolved
 config, a fixed output hash, a model/ with an adapter_config.json) is written where the run would write, so
 the next stage finds its inputs exactly as it would after real runs. The poison source's fingerprint is fixed

@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import cloudpickle
 import pytest
@@ -305,6 +306,10 @@ def boom():
     raise ValueError("boom in a job")
 
 
+def getenv(name):
+    return os.environ.get(name)
+
+
 def interval(path, seconds):
     start = time.time()
     time.sleep(seconds)
@@ -340,6 +345,12 @@ def test_local_executor_subprocesses_dependencies_and_parallelism(tmp_path):
     spans = [json.loads((tmp_path / f"i{k}").read_text()) for k in range(3)]
     overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
     assert overlap <= 2  # array_parallelism
+    assert ex.submit(getenv, "OMP_WAIT_POLICY").result(60) == "PASSIVE"  # several at once: threads sleep
+    one = make_executor(ClusterCfg(name="l", executor="local", array_parallelism=1), tmp_path / "one")
+    with mock.patch.dict(os.environ, {"OMP_WAIT_POLICY": "ACTIVE"}):
+        assert ex.submit(getenv, "OMP_WAIT_POLICY").result(60) == "ACTIVE"  # the user's own setting
+        os.environ.pop("OMP_WAIT_POLICY")
+        assert one.submit(getenv, "OMP_WAIT_POLICY").result(60) is None  # alone: left as it was
     bad = ex.submit(boom)
     with pytest.raises(JobError, match="boom in a job"):
         bad.result(60)

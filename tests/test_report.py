@@ -143,7 +143,7 @@ def test_the_demos_report_prints_its_table_then_the_frontier_plots_path(tmp_path
     line and, last, the plot's path; a second run reuses the report and prints the same."""
     import re
     monkeypatch.setenv("PIPELINE_RUNS", str(tmp_path / "runs"))
-    for d, asr in (("none", 1.0), ("finetune", 0.875), ("crow", 0.5)):
+    for d, asr in (("none", 1.0), ("finetune", 0.875), ("prune", 0.5), ("crow", 0.25)):  # crow: not the demo's
         fake_eval("smollm2-135m", "negsentiment", "badnet", d, asr, 0.3, experiment="demo")
     capsys.readouterr()
     line = re.search(r"report experiment=\$\(DEMO_EXPERIMENT\) (.*?)\n\n", MAKEFILE.read_text(), re.S).group(1)
@@ -152,10 +152,10 @@ def test_the_demos_report_prints_its_table_then_the_frontier_plots_path(tmp_path
         out = graph.run("report", compose(["experiment=demo", *overrides]), args(overrides=["experiment=demo"]))
         printed = capsys.readouterr().err.strip().splitlines()
         assert printed[-1] == f"frontier plot: {out / 'frontier.png'}"
-        assert "| demo | smollm2-135m | negsentiment/badnet | crow | 50.0 [" in "\n".join(printed)
+        assert "| demo | smollm2-135m | negsentiment/badnet | prune | 50.0 [" in "\n".join(printed)
         assert any(ln.endswith("| ASR % [95%] | FTR % [95%] | clean metric % [95%] |") for ln in printed)
         order = [ln.split(" | ")[3] for ln in printed if ln.startswith("| demo | smollm2-135m")]
-        assert order == ["no defense", "finetune", "crow"]  # the Makefile's order, not the alphabet's
+        assert order == ["no defense", "finetune", "prune"]  # the Makefile's order and defenses
 
 
 def test_long_layout_a_line_per_defense_with_intervals(evals, capsys):
