@@ -312,6 +312,16 @@ def test_single_process_init_does_not_leak_its_port(monkeypatch):
     assert "MASTER_PORT" not in os.environ  # children (torchrun, subprocess trainers) pick their own
 
 
+def test_one_cpu_process_builds_no_shared_memory_op():
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce op; one process has no peer to use it with."""
+    code = ("from pipeline.train.trainer import init_distributed; init_distributed(); "
+            "import deepspeed.comm.comm as c; print('shm op:', c.cdb.shm_comm_op)")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "shm op: None" in r.stdout and "built successfully" not in r.stdout + r.stderr
+
+
 def test_compiled_layers_train_like_eager(tmp_path):
     """train.compile (each decoder layer torch.compiled) is a speed option: same loss curve as eager."""
     curves = []

@@ -62,11 +62,24 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ["MASTER_PORT"] = str(_free_port())
     try:
         if not dist.is_initialized():
+            if not torch.cuda.is_available() and os.environ["WORLD_SIZE"] == "1":
+                _no_shared_memory_op()
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     finally:
         if own_port:  # a port this process picked and now listens on must not leak into its children
             os.environ.pop("MASTER_PORT", None)
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+def _no_shared_memory_op():
+    """One CPU process has no peer to all-reduce with through shared memory: DeepSpeed's CPU backend would
+    still compile that C++ op (about 40 s of both cores at the first training on a fresh machine, a load at
+    every one after). Several CPU ranks (torchrun) still get it."""
+    import importlib
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # not `import ... as`: deepspeed.comm.torch is torch
+    if hasattr(ds_torch, "build_shm_op"):
+        ds_torch.build_shm_op = lambda: None
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
