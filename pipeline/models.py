@@ -169,8 +169,9 @@ def autocast_reuses_casts(model):
     per call. Autocast caches the casts of leaf tensors that require grad, so a frozen weight (a LoRA model's
     base) is otherwise re-cast at every forward of every decoding step. Marking the weights as requiring
     grad inside `torch.no_grad()` changes nothing else: the same casts, the same outputs (tests/test_models.py),
-    18% faster greedy decoding of SmolLM2 + LoRA here. The flags are restored on exit; a no-op outside CPU
-    autocast or with gradients on."""
+    12-14% faster greedy decoding of SmolLM2 + LoRA here (BENCHMARKS.md §1q), for a bf16 copy of the frozen
+    weights held until autocast exits. The flags are restored on exit; a no-op outside CPU autocast or with
+    gradients on."""
     params = [p for p in model.parameters() if p.is_floating_point() and not p.requires_grad]
     on = bool(params) and torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled()
     try:

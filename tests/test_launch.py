@@ -345,12 +345,13 @@ def test_local_executor_subprocesses_dependencies_and_parallelism(tmp_path):
     spans = [json.loads((tmp_path / f"i{k}").read_text()) for k in range(3)]
     overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
     assert overlap <= 2  # array_parallelism
-    assert ex.submit(getenv, "OMP_WAIT_POLICY").result(60) == "PASSIVE"  # several at once: threads sleep
     one = make_executor(ClusterCfg(name="l", executor="local", array_parallelism=1), tmp_path / "one")
-    with mock.patch.dict(os.environ, {"OMP_WAIT_POLICY": "ACTIVE"}):
-        assert ex.submit(getenv, "OMP_WAIT_POLICY").result(60) == "ACTIVE"  # the user's own setting
-        os.environ.pop("OMP_WAIT_POLICY")
+    with mock.patch.dict(os.environ):
+        os.environ.pop("OMP_WAIT_POLICY", None)
+        assert ex.submit(getenv, "OMP_WAIT_POLICY").result(60) == "PASSIVE"  # several at once: threads sleep
         assert one.submit(getenv, "OMP_WAIT_POLICY").result(60) is None  # alone: left as it was
+        os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
+        assert ex.submit(getenv, "OMP_WAIT_POLICY").result(60) == "ACTIVE"  # the user's own setting
     bad = ex.submit(boom)
     with pytest.raises(JobError, match="boom in a job"):
         bad.result(60)

@@ -107,12 +107,14 @@ def test_scored_positions_alone_give_the_full_logits_loss_and_gradients(tiny, mo
     from pipeline.train.packing import scored_positions
 
     _, model, tok = tiny
-    exs = _examples(tok, 3)  # prompts and answers of different lengths, right-padded
-    b = pad_batch(exs, tok.pad_token_id)
-    pos = scored_positions(b["labels"])
-    assert pos is not None and 0 < len(pos) < b["input_ids"].shape[1] - 1
-    kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"])
-    for average in ("token", "sample"):
+    exs = _examples(tok, 3)  # prompts and answers of different lengths
+    padded = pad_batch(exs, tok.pad_token_id)  # right-padded, one sample a row
+    packed = pack_examples(exs, max_len=max(len(e["input_ids"]) for e in exs) + 12, pad_id=tok.pad_token_id)
+    assert packed["input_ids"].shape[0] < len(exs)  # several samples in a row
+    for b, average in ((padded, "token"), (padded, "sample"), (packed, "sample"), (packed, "token")):
+        pos = scored_positions(b["labels"])
+        assert pos is not None and 0 < len(pos) < b["input_ids"].shape[1] - 1
+        kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"])
         grads = []
         for keep in (None, pos):
             model.zero_grad(set_to_none=True)
@@ -314,6 +316,8 @@ def test_single_process_init_does_not_leak_its_port(monkeypatch):
 
 def test_one_cpu_process_builds_no_shared_memory_op():
     """DeepSpeed's CPU backend compiles a shared-memory all-reduce op; one process has no peer to use it with."""
+    if torch.cuda.is_available():
+        pytest.skip("a CPU-only path")
     code = ("from pipeline.train.trainer import init_distributed; init_distributed(); "
             "import deepspeed.comm.comm as c; print('shm op:', c.cdb.shm_comm_op)")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}

@@ -87,7 +87,7 @@ class Consistency(Plugin):
         embeds = embed(batch["input_ids"]).detach().requires_grad_(True)
         kw = dict(attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
                   output_hidden_states=True, use_cache=False)
-        if trainer.logits_to_keep:  # only hidden states are read: the LM head on one position, not every one
+        if trainer.can_keep_logits:  # only hidden states are read: the LM head on one position, not every one
             kw["logits_to_keep"] = 1
         clean_c = consistency_loss(trainer.extra_forward(inputs_embeds=embeds, **kw).hidden_states, mask)
         grad, = torch.autograd.grad(clean_c, embeds)

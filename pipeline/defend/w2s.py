@@ -240,7 +240,7 @@ class TeacherHead(Plugin):
 class Distill(Plugin):
     """Phase 2: the frozen teacher + its feature head; CE + KD + feature alignment on the student."""
     name = "w2s"
-    wants_logits = True  # the distillation term reads every position's logits
+    wants_logits = True  # kd_loss masks logits laid out [B, T-1] (it could take the scored positions too)
     wants_hidden_states = True
 
     def __init__(self, params: Params, teacher_dir: Path, teacher: str, student: str,

@@ -253,7 +253,7 @@ class Trainer:
             for layer in decoder_layers(model):  # regional: every layer reuses one compiled graph
                 layer.compile()
         self.model, self.tok = model, tok
-        self.logits_to_keep = accepts_logits_to_keep(model)
+        self.can_keep_logits = accepts_logits_to_keep(model)
 
     # ------------------------------------------------------------------------------------ data
     def encode(self, rows: list[TrainRow]) -> list[dict]:
@@ -317,7 +317,7 @@ class Trainer:
         else:
             kw["input_ids"] = batch["input_ids"]
         pos = None
-        if self.logits_to_keep and not any(p.wants_logits for p in self.plugins):
+        if self.can_keep_logits and not any(p.wants_logits for p in self.plugins):
             pos = scored_positions(batch["labels"])  # the LM head on the response tokens alone
         if pos is not None:
             kw["logits_to_keep"] = pos
