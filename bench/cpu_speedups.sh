@@ -22,14 +22,16 @@ inject12() {  # inject12 <dir to run from> <scratch store>
   (cd "$1" && rm -rf "$2/inject" && mkdir -p "$2/inject" && PIPELINE_RUNS=$2 "$PY" -m pipeline inject experiment=ladder-4 \
     train.max_steps=12 > "$2.log" 2>&1)
 }
-git worktree add -q --detach "$W/old" "$OLD"
-(cd "$W/old" && "$PY" -c "import pipeline, sys; sys.exit(not pipeline.__file__.startswith('$W/old'))") \
-  || { echo "python -m pipeline in $W/old does not import that checkout's code" >&2; exit 1; }
+OLDDIR=$(dirname "$PWD")/.cpu-speedups-old  # beside this checkout: ../shared/data resolves the same from both
+git worktree add -q --detach "$OLDDIR" "$OLD"
+trap 'git worktree remove --force "$OLDDIR"' EXIT
+(cd "$OLDDIR" && "$PY" -c "import pipeline, sys; sys.exit(not pipeline.__file__.startswith('$OLDDIR'))") \
+  || { echo "python -m pipeline in $OLDDIR does not import that checkout's code" >&2; exit 1; }
 echo "(a) 12 injection steps, steps 3-12 summed (s): this commit vs $OLD"
 for rep in 1 2; do
   for v in new old; do
     s=$(store "a-$v-$rep"); rm -f "$s/inject"
-    inject12 "$([ $v = new ] && echo "$PWD" || echo "$W/old")" "$s"
+    inject12 "$([ $v = new ] && echo "$PWD" || echo "$OLDDIR")" "$s"
     echo "  $v $(steps "$s")"
   done
 done
@@ -59,4 +61,3 @@ print("  evaluations agree:", all({k: m[k] for k in keys} == {k: ms[0][k] for k 
 ws = [load_file(f) for f in sorted(glob.glob(w + "/tr-*/inject/*/model/adapter_model.safetensors"))]
 print("  injections equal bit for bit:", all(torch.equal(x[k], ws[0][k]) for x in ws for k in ws[0]), f"({len(ws)})")
 EOF
-git worktree remove --force "$W/old"

@@ -139,7 +139,7 @@ def decoding_lines(rows) -> list[str]:
     for row in rows:
         none = row["cells"].get("none") or {}
         plain = none.get("new_tokens_per_s")
-        where = f"{row['model']} {row['task']}/{row['attack']}"
+        where = (f"{row['rung']}, " if row.get("rung") else "") + f"{row['model']} {row['task']}/{row['attack']}"
         for d, m in sorted(row["cells"].items()):
             st = (m.get("decoding_stats") or {}).get("all")
             suspect = (m.get("decoding") or {}).get("suspect")
@@ -395,21 +395,21 @@ def plot_frontier(rows, defenses, x_def: str, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.6))
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
     ax.plot([0, 100], [0, 100], color="0.6", ls="--", lw=1, label="diagonal (= plain fine-tuning)")
-    markers = "osD^v<>Px*"
+    markers, colors = "osD^v<>Px*", plt.get_cmap("tab20").colors  # 20 colours: no two of 17 defenses alike
     for j, (d, p) in enumerate(frontier_points(rows, defenses, x_def).items()):
         if d == x_def:
             continue
         xs, ys = [100 * q[0] for q in p], [100 * q[1] for q in p]
         err = [[max(0.0, 100 * (q[1] - q[2])) for q in p], [max(0.0, 100 * (q[3] - q[1])) for q in p]]
-        ax.errorbar(xs, ys, yerr=err, marker=markers[j % len(markers)], capsize=2, lw=1,
-                    label="no defense" if d == "none" else d)
+        ax.errorbar(xs, ys, yerr=err, marker=markers[j % len(markers)], color=colors[j % len(colors)], capsize=2,
+                    lw=1, label="no defense" if d == "none" else d)
     ax.set_xlabel(f"ASR left by plain {x_def} (%): how persistent the backdoor is")
     ax.set_ylabel("ASR after the defense (%)")
     ax.set_xlim(-3, 103)
     ax.set_ylim(-3, 103)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # beside, not over
     _save(fig, ax, "Which backdoors each defense removes", path)
 
 

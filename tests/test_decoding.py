@@ -333,6 +333,9 @@ def test_sampling_evaluates_once_per_seed_mean_and_spread(built):
     from pipeline import report
     assert " ± " in report.cell(m) and report.decoding_lines([{"model": "m", "task": "t", "attack": "a",
                                                                "cells": {"sampling": m}}])[0].startswith("sampling")
+    rungs = report.decoding_lines([{"model": "m", "task": "t", "attack": "a", "rung": r, "cells": {"sampling": m}}
+                                   for r in ("ladder-3", "ladder-4")])  # a row per rung: each line names its rung
+    assert [ln.split(":")[0] for ln in rungs] == ["sampling (ladder-3, m t/a)", "sampling (ladder-4, m t/a)"]
     with pytest.raises(ConfigError, match="seeds must be a non-empty list of distinct integers"):
         graph.run("defend", compose(["experiment=tiny", "defense=sampling", "defense.params.seeds=[1,1]"]),
                   ns(data=str(data), model_dir=str(inj)))
